@@ -1,0 +1,229 @@
+"""The table contract every embcompress method implements.
+
+A table is an ``nn.Module`` built from the cardinality of each categorical field and a common output width
+``D``. It is two things at once, so that it drops into any model:
+
+* a single table, like ``nn.Embedding``, when built with one int: ``LongTensor[...] -> FloatTensor[..., D]``;
+* a feature collection, when built with one cardinality per field: ``LongTensor[..., F] -> FloatTensor[..., F, D]``
+  (one id per field), and multi-hot bags through :meth:`CompressedEmbedding.forward_bags` /
+  :meth:`CompressedEmbedding.forward_kjt` with sum or mean pooling.
+
+Subclasses implement one method, ``embed(ids, fields)``, which maps ids and the field index of each id
+(broadcastable to ``ids``) to vectors. All fields go through one vectorised call, so no model loops over fields
+in Python. Ids are checked before ``embed`` sees them: negative ids, ids at or above a bounded field's
+cardinality, and non-integer dtypes raise ``ValueError`` naming the field and the value; nothing is clamped.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from .memory import MemoryReport, baseline_bytes, measure
+
+__all__ = ["CompressedEmbedding", "BudgetError", "POOLING_MODES"]
+
+POOLING_MODES = ("sum", "mean")
+
+
+class BudgetError(ValueError):
+    """A memory budget the method cannot meet, or a method that cannot be built to a budget at all."""
+
+
+def _as_cardinalities(cardinalities: int | Sequence[int]) -> tuple[int, ...]:
+    seq = [cardinalities] if isinstance(cardinalities, numbers.Integral) else list(cardinalities)
+    if not seq:
+        raise ValueError("cardinalities is empty: expected one positive int per field")
+    for i, c in enumerate(seq):
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+            raise ValueError(f"cardinality of field {i} must be a positive int, got {c!r}")
+    return tuple(int(c) for c in seq)
+
+
+class CompressedEmbedding(nn.Module):
+    """Base class of all tables: validation, field layout, bag pooling and memory reports.
+
+    Args:
+        cardinalities: one int (a single table) or one int per field (a feature collection). For hashing-based
+            tables it is the vocabulary the baseline is measured against; they accept larger raw ids.
+        embedding_dim: the output width ``D`` of every field.
+    """
+
+    registry_name: ClassVar[str]
+    #: True when the method can take raw, unbounded non-negative ids in every field.
+    accepts_raw_ids: ClassVar[bool] = False
+
+    def __init__(self, cardinalities: int | Sequence[int], embedding_dim: int) -> None:
+        super().__init__()
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        self.single = isinstance(cardinalities, numbers.Integral)
+        self.cardinalities = _as_cardinalities(cardinalities)
+        self.embedding_dim = embedding_dim
+        self.field_names: tuple[str, ...] = tuple(f"field{i}" for i in range(self.num_fields))
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------------------- layout
+    @property
+    def num_fields(self) -> int:
+        return len(self.cardinalities)
+
+    def set_field_names(self, names: Sequence[str]) -> "CompressedEmbedding":
+        """Name the fields (used in error messages and to match ``KeyedJaggedTensor`` keys)."""
+        names = tuple(str(n) for n in names)
+        if len(names) != self.num_fields:
+            raise ValueError(f"got {len(names)} field names for {self.num_fields} fields")
+        self.field_names = names
+        return self
+
+    def id_limits(self) -> Sequence[int]:
+        """Exclusive upper bound of the ids of each field; -1 where any non-negative id is valid."""
+        return (-1,) * self.num_fields if self.accepts_raw_ids else self.cardinalities
+
+    def _consts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Field positions and id limits, cached per device rather than registered as buffers: they are
+        # configuration, not stored state, and must not change the memory report.
+        if device not in self._device_cache:
+            self._device_cache[device] = (
+                torch.arange(self.num_fields, device=device),
+                torch.tensor(list(self.id_limits()), dtype=torch.int64, device=device),
+            )
+        return self._device_cache[device]
+
+    # ------------------------------------------------------------------------------------------- validation
+    def _fail(self, msg: str) -> ValueError:
+        return ValueError(f"{getattr(self, 'registry_name', type(self).__name__)}: {msg}")
+
+    def _check_ids(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise self._fail(f"ids must be a torch.Tensor of int64, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise self._fail(f"ids must be int64 (or int32), got dtype {ids.dtype}")
+        ids = ids.long()
+        if ids.numel() == 0:
+            return ids
+        _, limits = self._consts(ids.device)
+        bad = ids < 0
+        lim = limits[fields]
+        bad |= (lim >= 0) & (ids >= lim)
+        if bool(bad.any()):
+            pos = tuple(int(i) for i in bad.nonzero()[0])
+            value = int(ids[pos])
+            f = int(torch.broadcast_to(fields, ids.shape)[pos])
+            where = f"field {self.field_names[f]!r} (index {f})" if not self.single else "the table"
+            if value < 0:
+                raise self._fail(f"{where} got id {value} at position {list(pos)}; ids must be non-negative")
+            raise self._fail(
+                f"{where} got id {value} at position {list(pos)}, outside its domain [0, {self.cardinalities[f]})"
+            )
+        return ids
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """Vectors of valid ``ids`` (any shape) whose field indices ``fields`` broadcast to ``ids.shape``.
+
+        Returns ``FloatTensor[*ids.shape, D]``. Implemented by every method.
+        """
+        raise NotImplementedError
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[..., F] -> FloatTensor[..., F, D]`` (or ``[...] -> [..., D]`` for a single table)."""
+        if not isinstance(ids, torch.Tensor):
+            raise self._fail(f"ids must be a torch.Tensor of int64, got {type(ids).__name__}")
+        positions, _ = self._consts(ids.device)
+        if self.single:
+            fields = positions[:1].reshape(())
+        else:
+            if ids.dim() < 1 or ids.shape[-1] != self.num_fields:
+                raise self._fail(
+                    f"expected ids of shape [..., {self.num_fields}] (one id per field), got {list(ids.shape)}"
+                )
+            fields = positions
+        return self.embed(self._check_ids(ids, fields), fields)
+
+    def forward_bags(
+        self,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        mode: str = "sum",
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pool multi-hot bags: ``values`` ``LongTensor[N]`` with ``lengths`` ``LongTensor[F, B]`` -> ``[B, F, D]``.
+
+        ``values`` are laid out field-major, like a ``KeyedJaggedTensor``: all bags of field 0 (samples 0..B-1),
+        then field 1, and so on. Each id is embedded on its own and the vectors are then pooled (sum, or mean
+        over the bag; empty bags give zeros), optionally weighted by ``weights`` ``FloatTensor[N]``.
+        """
+        if mode not in POOLING_MODES:
+            raise self._fail(f"mode must be one of {POOLING_MODES}, got {mode!r}")
+        if lengths.dim() != 2 or lengths.shape[0] != self.num_fields:
+            raise self._fail(f"lengths must have shape [{self.num_fields}, B], got {list(lengths.shape)}")
+        lengths = lengths.long()
+        if bool((lengths < 0).any()):
+            raise self._fail("lengths must be non-negative")
+        total = int(lengths.sum())
+        if values.dim() != 1 or values.numel() != total:
+            raise self._fail(f"values must be 1-D with sum(lengths) = {total} entries, got {list(values.shape)}")
+        if weights is not None and weights.shape != values.shape:
+            raise self._fail(f"weights must match values' shape {list(values.shape)}, got {list(weights.shape)}")
+        num_fields, batch = lengths.shape
+        positions, _ = self._consts(values.device)
+        bag = torch.repeat_interleave(torch.arange(num_fields * batch, device=values.device), lengths.reshape(-1))
+        fields = positions[bag // batch] if batch else bag
+        vectors = self.embed(self._check_ids(values, fields), fields)
+        if weights is not None:
+            vectors = vectors * weights.unsqueeze(-1).to(vectors.dtype)
+        pooled = vectors.new_zeros(num_fields * batch, self.embedding_dim).index_add(0, bag, vectors)
+        if mode == "mean":
+            pooled = pooled / lengths.reshape(-1, 1).clamp(min=1).to(pooled.dtype)
+        return pooled.view(num_fields, batch, self.embedding_dim).transpose(0, 1)
+
+    def forward_kjt(self, features, *, mode: str = "sum") -> torch.Tensor:
+        """Pool a torchrec ``KeyedJaggedTensor`` whose keys are this table's field names -> ``[B, F, D]``."""
+        keys = tuple(features.keys())
+        if keys != self.field_names:
+            raise self._fail(f"KeyedJaggedTensor keys {list(keys)} do not match the field names {list(self.field_names)}")
+        lengths = features.lengths().view(self.num_fields, -1)
+        return self.forward_bags(features.values(), lengths, mode=mode, weights=features.weights_or_none())
+
+    # ------------------------------------------------------------------------------------- memory & budget
+    def memory_report(self) -> MemoryReport:
+        """Exact bytes of every parameter and buffer, against the fp32 baseline ``sum(n_f) * D * 4``."""
+        return measure(self, baseline_bytes(self.cardinalities, self.embedding_dim))
+
+    @classmethod
+    def from_budget(cls, cardinalities: int | Sequence[int], embedding_dim: int, *, budget_bytes: int):
+        """Build the table so that its memory report lands at most ``budget_bytes``, within a few percent.
+
+        Methods that cannot target a budget raise :class:`BudgetError` saying why.
+        """
+        raise BudgetError(f"{getattr(cls, 'registry_name', cls.__name__)} cannot be built to a memory budget")
+
+    @classmethod
+    def planned_bytes(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> int:
+        """Exact bytes a table built with these arguments would store, measured on the ``meta`` device."""
+        with torch.device("meta"):
+            return cls(cardinalities, embedding_dim, **options).memory_report().total_bytes
+
+    @staticmethod
+    def _check_budget(budget_bytes: int | float) -> int:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not budget_bytes > 0:
+            raise BudgetError(f"budget_bytes must be a positive number, got {budget_bytes!r}")
+        if not math.isfinite(budget_bytes):
+            raise BudgetError(f"budget_bytes must be finite, got {budget_bytes!r}")
+        return int(budget_bytes)
+
+    def extra_repr(self) -> str:
+        n = self.cardinalities[0] if self.single else list(self.cardinalities)
+        return f"cardinalities={n}, embedding_dim={self.embedding_dim}"
+
+
+def init_rows_(weight: torch.Tensor) -> torch.Tensor:
+    """The one initialisation of embedding rows, shared by all methods so they start alike: N(0, 1/D)."""
+    with torch.no_grad():
+        return weight.normal_(0.0, weight.shape[-1] ** -0.5)

@@ -1,0 +1,163 @@
+"""Small registries of table methods and CTR models, keyed by versioned names such as ``hashing.v1``.
+
+A method is one file in ``tables/`` whose class carries ``@TABLES.register("name.v1")``; the registry then puts
+it in the test matrix, in ``embcompress list`` and in the benchmark runner. Specs are plain mappings (from YAML
+loaded with ``yaml.safe_load``); their keys are checked against the constructor's signature before anything
+is built, so a typo is an error that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+__all__ = ["Registry", "RegistryError", "SpecError", "check_kwargs"]
+
+T = TypeVar("T")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*\.v[0-9]+$")
+
+
+class RegistryError(LookupError, ValueError):
+    """An unknown or duplicate registry name."""
+
+
+class SpecError(ValueError):
+    """A spec with a missing, unknown or invalid key."""
+
+
+def check_kwargs(target: Callable, kwargs: Mapping[str, Any], what: str, provided: tuple[str, ...] = ()) -> None:
+    """Raise :class:`SpecError` if ``kwargs`` holds keys that ``target`` does not accept, or lacks required ones.
+
+    ``provided`` names arguments the caller passes itself (for example the field cardinalities).
+    """
+    sig = inspect.signature(target)
+    accepted = {
+        n: p for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"
+    }
+    for key in kwargs:
+        if key in provided:
+            raise SpecError(f"{what}: key {key!r} is set by the caller and cannot appear in the spec")
+        if key not in accepted:
+            close = difflib.get_close_matches(key, list(accepted), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            options = ", ".join(n for n in accepted if n not in provided)
+            raise SpecError(f"{what}: unknown key {key!r}{hint} (accepted keys: {options})")
+    missing = [
+        n for n, p in accepted.items()
+        if p.default is p.empty and n not in kwargs and n not in provided
+    ]
+    if missing:
+        raise SpecError(f"{what}: missing required key(s) {', '.join(map(repr, missing))}")
+
+
+class Registry(Generic[T]):
+    """Name -> class map with versioned names, duplicate detection and close-match suggestions."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        if not _NAME.match(name):
+            raise RegistryError(f"{self.kind} name {name!r} must look like 'method.v1' (lowercase, versioned)")
+
+        def add(obj: T) -> T:
+            if name in self._entries:
+                raise RegistryError(
+                    f"duplicate {self.kind} name {name!r}: already registered by {self._entries[name]!r}"
+                )
+            self._entries[name] = obj
+            setattr(obj, "registry_name", name)
+            return obj
+
+        return add
+
+    def get(self, name: str) -> T:
+        if not isinstance(name, str):
+            raise RegistryError(f"{self.kind} type must be a string like 'hashing.v1', got {name!r}")
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.4)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}.{hint} Registered: {', '.join(sorted(self._entries))}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+TABLES: Registry = Registry("table")
+MODELS: Registry = Registry("model")
+
+
+def _load_builtins() -> None:
+    # The method and model files register themselves on import.
+    import embcompress.ctr_models  # noqa: F401
+    import embcompress.tables  # noqa: F401
+
+
+def list_tables() -> list[str]:
+    """Registered table methods, e.g. ``['full.v1', 'hashing.v1']``."""
+    _load_builtins()
+    return TABLES.names()
+
+
+def list_models() -> list[str]:
+    """Registered CTR models, e.g. ``['dlrm.v1']``."""
+    _load_builtins()
+    return MODELS.names()
+
+
+def _split_spec(spec: Mapping[str, Any], registry: Registry) -> tuple[Any, dict[str, Any]]:
+    if not isinstance(spec, Mapping):
+        raise SpecError(f"a {registry.kind} spec must be a mapping with a 'type' key, got {spec!r}")
+    if "type" not in spec:
+        raise SpecError(f"{registry.kind} spec {dict(spec)!r} has no 'type' key (one of {registry.names()})")
+    options = dict(spec)
+    return registry.get(options.pop("type")), options
+
+
+def build_table(spec: Mapping[str, Any], cardinalities, embedding_dim: int, *, field_names=None):
+    """Build a table from ``{"type": "hashing.v1", ...options}``.
+
+    With a ``budget_bytes`` key the method's ``from_budget`` builds it to that many bytes; the other keys are
+    checked against the constructor (or ``from_budget``) signature first.
+
+    >>> t = build_table({"type": "hashing.v1", "budget_bytes": 4096}, [1000, 50], 8)
+    >>> t.memory_report().total_bytes <= 4096
+    True
+    """
+    _load_builtins()
+    cls, options = _split_spec(spec, TABLES)
+    what = f"table spec {cls.registry_name!r}"
+    if "budget_bytes" in options:
+        check_kwargs(cls.from_budget, options, what, provided=("cardinalities", "embedding_dim"))
+        table = cls.from_budget(cardinalities, embedding_dim, **options)
+    else:
+        check_kwargs(cls, options, what, provided=("cardinalities", "embedding_dim"))
+        table = cls(cardinalities, embedding_dim, **options)
+    if field_names is not None:
+        table.set_field_names(field_names)
+    return table
+
+
+def build_model(spec: Mapping[str, Any], embeddings, num_dense: int):
+    """Build a CTR model from ``{"type": "dlrm.v1", ...options}`` around an embedding table."""
+    _load_builtins()
+    cls, options = _split_spec(spec, MODELS)
+    check_kwargs(cls, options, f"model spec {cls.registry_name!r}", provided=("embeddings", "num_dense"))
+    return cls(embeddings, num_dense, **options)
