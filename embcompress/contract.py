@@ -191,6 +191,10 @@ class CompressedEmbedding(nn.Module):
         lengths = features.lengths().view(self.num_fields, -1)
         return self.forward_bags(features.values(), lengths, mode=mode, weights=features.weights_or_none())
 
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse tensors (they need SparseAdam or Adagrad); none by default."""
+        return []
+
     # ------------------------------------------------------------------------------------- memory & budget
     def memory_report(self) -> MemoryReport:
         """Exact bytes of every parameter and buffer, against the fp32 baseline ``sum(n_f) * D * 4``."""

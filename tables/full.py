@@ -56,5 +56,8 @@ class FullEmbedding(CompressedEmbedding):
             )
         return cls(cardinalities, embedding_dim, sparse=sparse)
 
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.weight] if self.sparse else []
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparse={self.sparse}"

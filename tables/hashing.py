@@ -143,6 +143,9 @@ class HashingEmbedding(CompressedEmbedding):
             return cls(cardinalities, embedding_dim, num_buckets=int(rows), **options)
         return cls(cardinalities, embedding_dim, num_buckets=water_fill(cards, int(rows)), **options)
 
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.weight] if self.sparse else []
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rows={self.weight.shape[0]}, shared={self.shared}, sparse={self.sparse}"
 

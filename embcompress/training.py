@@ -1,0 +1,152 @@
+"""A plain training loop for CTR models: epochs of shuffled batches, AUC/logloss on held-out data, early stop.
+
+Tables that produce sparse gradients (``sparse=True``) get a sparse optimizer for those parameters
+(``SparseAdam`` beside Adam, sparse ``Adagrad`` beside Adagrad), so only the rows a batch touched are updated;
+everything else gets the dense optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Batch, CTRData, iterate_batches
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "OPTIMIZERS"]
+
+OPTIMIZERS = ("adam", "adagrad")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 4096
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    patience: int = 1  # epochs without a better validation AUC before stopping
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 65536
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available here")
+
+
+@dataclass
+class TrainResult:
+    val_auc: float
+    val_logloss: float
+    test_auc: float
+    test_logloss: float
+    best_epoch: int
+    train_seconds: float
+    samples_per_second: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    tables = [m for m in model.modules() if hasattr(m, "sparse_parameters")]
+    sparse = [p for t in tables for p in t.sparse_parameters()]
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids and p.requires_grad]
+    if cfg.optimizer == "adam":
+        opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr)] if dense else []
+        if sparse:
+            opts.append(torch.optim.SparseAdam(sparse, lr=cfg.lr))
+    else:  # Adagrad handles sparse gradients itself
+        opts = [torch.optim.Adagrad(dense + sparse, lr=cfg.lr)]
+    return opts
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu") -> np.ndarray:
+    """Click probabilities of every row of ``data``."""
+    model.eval()
+    out = [
+        torch.sigmoid(model(b.dense.to(device), b.sparse.to(device))).float().cpu()
+        for b in iterate_batches(data, batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
+
+
+def evaluate(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu") -> tuple[float, float]:
+    """(AUC, logloss) of ``model`` on ``data``."""
+    y = data.labels.numpy()
+    p = np.clip(predict(model, data, batch_size=batch_size, device=device).astype(np.float64), 1e-7, 1 - 1e-7)
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
+    return auc, float(log_loss(y, p, labels=[0.0, 1.0]))
+
+
+def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> TrainResult:
+    """Train ``model(dense, sparse) -> logits`` on ``data``'s train split; report val/test at the best epoch."""
+    cfg = cfg or TrainConfig()
+    model.to(cfg.device)
+    opts = _optimizers(model, cfg)
+    loss_fn = nn.BCEWithLogitsLoss()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_split, val_split = data.split("train"), data.split("val")
+    best_auc, best_epoch, best_state, bad_epochs = -math.inf, 0, None, 0
+    history: list[dict] = []
+    seconds = 0.0
+    samples = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        batches = tqdm(
+            iterate_batches(train_split, cfg.batch_size, shuffle=True, generator=gen),
+            total=math.ceil(len(train_split) / cfg.batch_size),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+        )
+        running = 0.0
+        start = time.perf_counter()
+        for batch in batches:
+            batch = batch.to(cfg.device)
+            loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            running += loss.item() * len(batch)
+            samples += len(batch)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        val_auc, val_loss = evaluate(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
+        history.append({"epoch": epoch, "train_logloss": running / len(train_split),
+                        "val_auc": val_auc, "val_logloss": val_loss})
+        if val_auc > best_auc:
+            best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    val_auc, val_loss = evaluate(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
+    test_auc, test_loss = evaluate(model, data.split("test"), batch_size=cfg.eval_batch_size, device=cfg.device)
+    return TrainResult(
+        val_auc=val_auc, val_logloss=val_loss, test_auc=test_auc, test_logloss=test_loss,
+        best_epoch=best_epoch, train_seconds=seconds,
+        samples_per_second=samples / seconds if seconds > 0 else math.nan, history=history,
+    )
