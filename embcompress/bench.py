@@ -1,0 +1,293 @@
+"""The memory-vs-AUC benchmark: a YAML suite of methods x compression ratios x seeds on one data set and model.
+
+Each method is built with ``from_budget`` at ``baseline_bytes / ratio`` (or as given, without a ratio), trained
+with the same model and settings, and reported with its exact bytes, ratio, test AUC and logloss, AUC change
+against the full table, and training samples/s. Every finished run is appended as one JSON line (flushed and
+fsynced) to ``results.jsonl``; the markdown table and the AUC-vs-bytes plot are made from those lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from .contract import CompressedEmbedding
+from .data import CTRData
+from .memory import baseline_bytes
+from .registry import MODELS, TABLES, SpecError, _load_builtins, build_model, build_table, check_kwargs
+from .synthetic import SyntheticConfig, make_synthetic
+from .training import TrainConfig, train
+
+__all__ = ["Suite", "MethodSpec", "load_suite", "default_suite_path", "run_suite", "format_table", "plot_results"]
+
+_SUITE_KEYS = ("name", "data", "embedding_dim", "model", "train", "seeds", "methods")
+_METHOD_KEYS = ("name", "table", "compression")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    table: dict[str, Any]
+    compression: tuple[float, ...] = ()  # empty: built as given, without a budget
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    data: dict[str, Any]
+    embedding_dim: int
+    model: dict[str, Any]
+    train: dict[str, Any]
+    seeds: tuple[int, ...]
+    methods: tuple[MethodSpec, ...]
+    source: str = "<memory>"
+
+    def runs(self) -> list[tuple[MethodSpec, float | None, int]]:
+        return [
+            (m, ratio, seed)
+            for m in self.methods
+            for ratio in (m.compression or (None,))
+            for seed in self.seeds
+        ]
+
+
+def default_suite_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "benchmarks" / "default.yaml"
+
+
+def _unknown(keys, allowed: Sequence[str], where: str) -> None:
+    extra = sorted(set(keys) - set(allowed))
+    if extra:
+        raise SpecError(f"{where}: unknown key(s) {extra}; allowed: {list(allowed)}")
+
+
+def load_suite(path: str | os.PathLike) -> Suite:
+    """Read and validate a suite; every error names the file and the bad entry, before anything trains."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    where = str(path)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: a suite must be a YAML mapping with keys {list(_SUITE_KEYS)}")
+    _unknown(raw, _SUITE_KEYS, where)
+    for key in ("methods", "model"):
+        if key not in raw:
+            raise SpecError(f"{where}: missing key {key!r}")
+    data = dict(raw.get("data") or {"synthetic": {}})
+    _unknown(data, ("synthetic",), f"{where}: data")
+    try:
+        SyntheticConfig(**(data.get("synthetic") or {}))
+    except TypeError as err:
+        raise SpecError(f"{where}: data.synthetic: {err}") from None
+    dim = raw.get("embedding_dim", 16)
+    if not isinstance(dim, int) or dim < 1:
+        raise SpecError(f"{where}: embedding_dim must be a positive int, got {dim!r}")
+    train_opts = dict(raw.get("train") or {})
+    try:
+        TrainConfig(**train_opts)
+    except TypeError as err:
+        raise SpecError(f"{where}: train: {err}") from None
+    seeds = tuple(raw.get("seeds") or (0,))
+    if not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise SpecError(f"{where}: seeds must be non-negative ints, got {list(seeds)}")
+    _load_builtins()
+    model = dict(raw["model"])
+    model_cls = MODELS.get(model.get("type"))
+    check_kwargs(model_cls, {k: v for k, v in model.items() if k != "type"}, f"{where}: model",
+                 provided=("embeddings", "num_dense"))
+    methods = []
+    if not isinstance(raw["methods"], list) or not raw["methods"]:
+        raise SpecError(f"{where}: methods must be a non-empty list")
+    for i, m in enumerate(raw["methods"]):
+        mwhere = f"{where}: methods[{i}]"
+        if not isinstance(m, dict) or "table" not in m:
+            raise SpecError(f"{mwhere}: each method needs a 'table' spec")
+        _unknown(m, _METHOD_KEYS, mwhere)
+        table = dict(m["table"])
+        cls = TABLES.get(table.get("type"))
+        options = {k: v for k, v in table.items() if k != "type"}
+        ratios = m.get("compression") or []
+        ratios = [ratios] if isinstance(ratios, (int, float)) else list(ratios)
+        for r in ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
+                raise SpecError(f"{mwhere}: compression ratios must be positive numbers, got {r!r}")
+        target = cls.from_budget if ratios else cls
+        check_kwargs(target, {**options, **({"budget_bytes": 1} if ratios else {})}, mwhere,
+                     provided=("cardinalities", "embedding_dim"))
+        methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table,
+                                  compression=tuple(float(r) for r in ratios)))
+    return Suite(
+        name=str(raw.get("name", path.stem)), data=data, embedding_dim=dim, model=model, train=train_opts,
+        seeds=seeds, methods=tuple(methods), source=str(path),
+    )
+
+
+def _append_line(path: Path, record: dict) -> None:
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def run_one(
+    suite: Suite, data: CTRData, method: MethodSpec, ratio: float | None, seed: int, *, device: str, progress: bool
+) -> dict:
+    dim = suite.embedding_dim
+    base = baseline_bytes(data.cardinalities, dim)
+    spec = dict(method.table)
+    if ratio is not None:
+        spec["budget_bytes"] = base / ratio
+    torch.manual_seed(seed)
+    table: CompressedEmbedding = build_table(spec, data.cardinalities, dim, field_names=data.field_names)
+    model = build_model(suite.model, table, data.num_dense)
+    cfg = TrainConfig(**{**suite.train, "seed": seed, "device": device, "progress": progress})
+    result = train(model, data, cfg)
+    report = table.memory_report()
+    return {
+        "suite": suite.name, "method": method.name, "table": method.table, "target_ratio": ratio, "seed": seed,
+        "model": suite.model["type"], "embedding_dim": dim, "device": device,
+        "bytes": report.total_bytes, "parameter_bytes": report.parameter_bytes, "buffer_bytes": report.buffer_bytes,
+        "baseline_bytes": report.baseline_bytes, "ratio": report.ratio,
+        "test_auc": result.test_auc, "test_logloss": result.test_logloss,
+        "val_auc": result.val_auc, "best_epoch": result.best_epoch,
+        "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second,
+        "bayes_auc": data.bayes_auc,
+    }
+
+
+def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", progress: bool = True) -> list[dict]:
+    """Run every (method, ratio, seed) of ``suite``; append each finished run to ``out_dir/results.jsonl``."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    start = time.perf_counter()
+    data = make_synthetic(SyntheticConfig(**(suite.data.get("synthetic") or {})))
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "data_seconds": time.perf_counter() - start}
+    records = []
+    runs = suite.runs()
+    for method, ratio, seed in tqdm(runs, desc=f"suite {suite.name}", disable=not progress):
+        try:
+            record = run_one(suite, data, method, ratio, seed, device=device, progress=progress)
+            record["status"] = "ok"
+        except Exception as err:  # a failing run is recorded and the suite goes on
+            record = {"suite": suite.name, "method": method.name, "target_ratio": ratio, "seed": seed,
+                      "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        record.update(meta)
+        _append_line(results_path, record)
+        records.append(record)
+    return records
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _group(records: list[dict]) -> list[dict]:
+    """Mean and std over seeds of each (method, target ratio)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            groups.setdefault((r["method"], r["target_ratio"]), []).append(r)
+    rows = []
+    for (method, target), rs in groups.items():
+        auc = np.array([r["test_auc"] for r in rs])
+        rows.append({
+            "method": method, "target_ratio": target, "seeds": len(rs), "bytes": int(np.mean([r["bytes"] for r in rs])),
+            "ratio": float(np.mean([r["ratio"] for r in rs])), "auc": float(auc.mean()),
+            "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
+            "logloss": float(np.mean([r["test_logloss"] for r in rs])),
+            "samples_per_second": float(np.mean([r["samples_per_second"] for r in rs])),
+            "best_epoch": float(np.mean([r["best_epoch"] for r in rs])),
+        })
+    return sorted(rows, key=lambda g: (-g["bytes"], g["method"]))
+
+
+def _full_auc(rows: list[dict]) -> float | None:
+    full = [g["auc"] for g in rows if g["ratio"] <= 1.001 and g["target_ratio"] is None]
+    return max(full) if full else None
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown table of the runs (mean +- std over seeds), with the Bayes AUC as the ceiling."""
+    rows = _group(records)
+    full = _full_auc(rows)
+    bayes = next((r.get("bayes_auc") for r in records if r.get("bayes_auc") is not None), None)
+    lines = []
+    if bayes is not None:
+        lines.append(f"Bayes-optimal test AUC of the data (the ceiling): **{bayes:.4f}**\n")
+    lines.append("| method | target | bytes | ratio | test AUC | ΔAUC vs full | vs Bayes | logloss | train samples/s | seeds |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for g in rows:
+        target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
+        auc = f"{g['auc']:.4f}" + (f" ± {g['auc_std']:.4f}" if g["seeds"] > 1 else "")
+        delta = f"{g['auc'] - full:+.4f}" if full is not None else "n/a"
+        gap = f"{g['auc'] - bayes:+.4f}" if bayes is not None else "n/a"
+        lines.append(
+            f"| {g['method']} | {target} | {g['bytes']:,} | {g['ratio']:.2f}x | {auc} | {delta} | {gap} | "
+            f"{g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} |"
+        )
+    failed = [r for r in records if r.get("status") != "ok"]
+    for r in failed:
+        lines.append(f"\nFAILED: {r['method']} at {r.get('target_ratio')}x seed {r['seed']}: {r.get('error')}")
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (bytes, auc) that no other point beats on both (fewer or equal bytes and higher AUC)."""
+    front, best = [], -math.inf
+    for b, a in sorted(points, key=lambda p: (p[0], -p[1])):
+        if a > best:
+            front.append((b, a))
+            best = a
+    return front
+
+
+def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "") -> Path:
+    """AUC vs bytes (log x), one line per method, the Pareto frontier, full-table and Bayes references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _group(records)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method in dict.fromkeys(g["method"] for g in rows):
+        pts = sorted((g["bytes"], g["auc"], g["auc_std"]) for g in rows if g["method"] == method)
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    front = pareto_front([(g["bytes"], g["auc"]) for g in rows])
+    if front:
+        fx, fy = zip(*front)
+        ax.step(fx, fy, where="post", color="black", alpha=0.35, linewidth=3, label="Pareto frontier", zorder=0)
+    full = _full_auc(rows)
+    if full is not None:
+        ax.axhline(full, color="gray", linestyle="--", linewidth=1, label=f"full table ({full:.4f})")
+    bayes = next((r.get("bayes_auc") for r in records if r.get("bayes_auc") is not None), None)
+    if bayes is not None:
+        ax.axhline(bayes, color="green", linestyle=":", linewidth=1.5, label=f"Bayes AUC ({bayes:.4f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding bytes (log scale)")
+    ax.set_ylabel("test AUC")
+    ax.set_title(title or "memory vs AUC")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
