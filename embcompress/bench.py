@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +24,7 @@ import yaml
 from .contract import CompressedEmbedding
 from .data import CTRData
 from .memory import baseline_bytes
-from .registry import MODELS, TABLES, SpecError, _load_builtins, build_model, build_table, check_kwargs
+from .registry import MODELS, TABLES, RegistryError, SpecError, _load_builtins, build_model, build_table, check_kwargs
 from .synthetic import SyntheticConfig, make_synthetic
 from .training import TrainConfig, train
 
@@ -71,6 +71,13 @@ def _unknown(keys, allowed: Sequence[str], where: str) -> None:
         raise SpecError(f"{where}: unknown key(s) {extra}; allowed: {list(allowed)}")
 
 
+def _lookup(registry, name, where: str):
+    try:
+        return registry.get(name)
+    except RegistryError as err:
+        raise SpecError(f"{where}: {err}") from None
+
+
 def load_suite(path: str | os.PathLike) -> Suite:
     """Read and validate a suite; every error names the file and the bad entry, before anything trains."""
     path = Path(path)
@@ -103,7 +110,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
         raise SpecError(f"{where}: seeds must be non-negative ints, got {list(seeds)}")
     _load_builtins()
     model = dict(raw["model"])
-    model_cls = MODELS.get(model.get("type"))
+    model_cls = _lookup(MODELS, model.get("type"), f"{where}: model")
     check_kwargs(model_cls, {k: v for k, v in model.items() if k != "type"}, f"{where}: model",
                  provided=("embeddings", "num_dense"))
     methods = []
@@ -115,7 +122,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
             raise SpecError(f"{mwhere}: each method needs a 'table' spec")
         _unknown(m, _METHOD_KEYS, mwhere)
         table = dict(m["table"])
-        cls = TABLES.get(table.get("type"))
+        cls = _lookup(TABLES, table.get("type"), f"{mwhere}: table")
         options = {k: v for k, v in table.items() if k != "type"}
         ratios = m.get("compression") or []
         ratios = [ratios] if isinstance(ratios, (int, float)) else list(ratios)

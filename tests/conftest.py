@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from embcompress import TABLES, list_tables
+from embcompress.contract import BudgetError
+from embcompress.memory import baseline_bytes
+
+CARDS = [1000, 3, 57, 400]
+DIM = 8
+
+
+def make_table(name: str, cards=CARDS, dim: int = DIM, ratio: float = 4.0, **options):
+    """Build any registered table the same way: to a budget when the method can, else as constructed."""
+    cls = TABLES.get(name)
+    try:
+        return cls.from_budget(cards, dim, budget_bytes=baseline_bytes(cards, dim) / ratio, **options)
+    except BudgetError:
+        return cls(cards, dim, **options)
+
+
+@pytest.fixture(params=list_tables())
+def table_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

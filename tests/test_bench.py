@@ -1,0 +1,85 @@
+"""The benchmark runner and the CLI, end to end on a tiny suite."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from embcompress import SpecError
+from embcompress.bench import default_suite_path, load_suite, pareto_front
+from embcompress.cli import main
+
+TINY = {
+    "name": "tiny",
+    "data": {"synthetic": {"rows": 20_000, "cardinality_exponent": 0.25}},
+    "embedding_dim": 8,
+    "model": {"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [16]},
+    "train": {"epochs": 1, "batch_size": 2048, "lr": 0.01},
+    "seeds": [0],
+    "methods": [
+        {"name": "full", "table": {"type": "full.v1", "sparse": True}},
+        {"name": "hashing", "table": {"type": "hashing.v1"}, "compression": [4, 16]},
+    ],
+}
+
+
+def write(tmp_path, suite):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def test_default_suite_is_valid():
+    suite = load_suite(default_suite_path())
+    assert {m.name for m in suite.methods} >= {"full", "hashing"}
+    assert len(suite.runs()) >= 4
+
+
+def test_bench_cli_writes_table_results_and_plot(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", str(write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "Bayes-optimal test AUC" in printed and "| hashing | 16x |" in printed
+    lines = (out / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["status"] for r in records] == ["ok"] * 3
+    hashed = [r for r in records if r["method"] == "hashing"]
+    for r in hashed:
+        assert r["bytes"] <= r["baseline_bytes"] / r["target_ratio"]
+        assert r["ratio"] == pytest.approx(r["baseline_bytes"] / r["bytes"])
+    assert (out / "report.md").read_text().startswith("# tiny")
+    assert (out / "memory_vs_auc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": [{"table": {"type": "hashing.v2"}}]}, r"methods\[0\]: table: unknown table 'hashing.v2'. Did you mean 'hashing.v1'"),
+    ({"methods": [{"table": {"type": "hashing.v1", "num_bucket": 3}}]}, "unknown key 'num_bucket'"),
+    ({"methods": [{"table": {"type": "hashing.v1"}, "compression": [0]}]}, "positive"),
+    ({"model": {"type": "dlrm.v1", "top": [3]}}, "unknown key 'top'"),
+    ({"epochs": 3}, "unknown key"),
+])
+def test_malformed_suites_fail_before_training(tmp_path, change, message):
+    path = write(tmp_path, {**TINY, **change})
+    with pytest.raises(SpecError, match=message):
+        load_suite(path)
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_suite_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_suite(tmp_path / "nope.yaml")
+
+
+def test_pareto_front():
+    pts = [(10, 0.70), (20, 0.75), (30, 0.74), (40, 0.80), (5, 0.60)]
+    assert pareto_front(pts) == [(5, 0.60), (10, 0.70), (20, 0.75), (40, 0.80)]
+
+
+def test_console_script_help_and_list():
+    out = subprocess.run([sys.executable, "-m", "embcompress.cli", "list"], capture_output=True, text=True, check=True)
+    assert "full.v1" in out.stdout and "hashing.v1" in out.stdout and "dlrm.v1" in out.stdout
+    help_ = subprocess.run([sys.executable, "-m", "embcompress.cli", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "bench" in help_.stdout
