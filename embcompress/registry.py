@@ -61,7 +61,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
-        if not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise RegistryError(f"{self.kind} name {name!r} must look like 'method.v1' (lowercase, versioned)")
 
         def add(obj: T) -> T:

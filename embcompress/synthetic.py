@@ -78,6 +78,16 @@ class SyntheticConfig:
             raise ValueError(f"val_fraction {self.val_fraction} and test_fraction {self.test_fraction} must be in "
                              "(0, 1) and sum below 1")
         scaled_cardinalities(self.cardinality_exponent)
+        n_train, n_val, _ = self.split_sizes()
+        if n_train < 1:
+            raise ValueError(f"rows={self.rows} with val_fraction {self.val_fraction} and test_fraction "
+                             f"{self.test_fraction} leaves no training rows")
+
+    def split_sizes(self) -> tuple[int, int, int]:
+        """(train, val, test) row counts; validation and test get at least one row each."""
+        n_test = max(1, int(round(self.rows * self.test_fraction)))
+        n_val = max(1, int(round(self.rows * self.val_fraction)))
+        return self.rows - n_val - n_test, n_val, n_test
 
 
 def _zipf_cdf(n: int, exponent: float) -> np.ndarray:
@@ -142,9 +152,7 @@ def make_synthetic(config: SyntheticConfig | None = None) -> CTRData:
     prob = 1.0 / (1.0 + np.exp(-(raw_logit + w0)))
     labels = (rng.random(n) < prob).astype(np.float32)
 
-    n_test = max(1, int(round(n * cfg.test_fraction)))
-    n_val = max(1, int(round(n * cfg.val_fraction)))
-    n_train = n - n_val - n_test
+    n_train, n_val, _ = cfg.split_sizes()
     splits = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
     test = slice(n_train + n_val, n)
     y_test, p_test = labels[test], prob[test]
