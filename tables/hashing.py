@@ -1,10 +1,12 @@
-"""``hashing.v1``: the hashing trick for embedding tables.
+"""``hashing.v1``: the hashing trick for embedding tables, with an optional frequency-aware variant.
 
 Weinberger et al., "Feature Hashing for Large Scale Multitask Learning", ICML 2009; applied to embedding
 tables e.g. in Shi et al., "Compositional Embeddings Using Complementary Partitions", KDD 2020 (the baseline).
+The frequency-aware variant follows Zhang et al., "Model Size Reduction Using Frequency Based Double Hashing
+for Recommender Systems", RecSys 2020.
 
 Each id is mapped to ``bucket(id, seed_f, m_f)`` (see :mod:`embcompress.hashing`) in a table of ``m_f`` rows,
-so ids beyond any vocabulary are accepted and colliding ids share a row. Two layouts:
+so ids beyond any vocabulary are accepted and colliding ids share a row. Layouts:
 
 * per field (default): field ``f`` gets ``m_f = min(n_f, num_buckets_f)`` rows, all fused in one weight. A field
   whose bucket count reaches its cardinality is stored uncompressed and indexed by the id itself, since
@@ -12,6 +14,10 @@ so ids beyond any vocabulary are accepted and colliding ids share a row. Two lay
   raw, unbounded ids).
 * ``shared=True``: one table of ``num_buckets`` rows for all fields, each field hashed with its own seed, so
   the same id in two fields lands on different rows.
+* ``frequent=K`` (per field): ids are frequency ranked, so the ``K`` most frequent values of a field are the ids
+  ``< K``; they get dedicated rows, and every other id is the sum of two rows hashed with independent seeds into
+  the field's ``num_buckets`` shared rows (double hashing: two ids collide on both rows far more rarely than
+  on one).
 """
 
 from __future__ import annotations
@@ -33,16 +39,18 @@ _MAX_SEED = 2**31
 
 @TABLES.register("hashing.v1")
 class HashingEmbedding(CompressedEmbedding):
-    """Hashed tables, per field or shared.
+    """Hashed tables, per field or shared, optionally with dedicated rows for the most frequent ids.
 
     Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``. Hashed fields accept any id in ``[0, 2**63)``.
 
     Args:
-        num_buckets: rows per field (an int for every field, or one int per field), or the rows of the shared
-            table when ``shared=True``.
+        num_buckets: hashed rows per field (an int for every field, or one int per field), or the rows of the
+            shared table when ``shared=True``.
         shared: one table for all fields.
-        hash_small_fields: hash fields even where ``num_buckets >= n_f`` (default: such fields are stored
-            uncompressed and need ids below ``n_f``).
+        frequent: ids below this get dedicated rows in their field (on top of ``num_buckets``); the others are
+            the sum of two hashed rows. 0 (default) hashes every id once.
+        hash_small_fields: hash fields even where the hashed rows reach the field's cardinality (default: such
+            fields are stored uncompressed and need ids below ``n_f``).
         seed: selects the hash functions; the derived per-field seeds are saved in the state_dict.
         sparse: sparse gradients (use with ``torch.optim.SparseAdam``).
 
@@ -52,6 +60,8 @@ class HashingEmbedding(CompressedEmbedding):
     torch.Size([2, 8])
     >>> t.memory_report().ratio > 1e9
     True
+    >>> HashingEmbedding([5000, 40], 8, num_buckets=100, frequent=10)(torch.tensor([[4, 39]])).shape
+    torch.Size([1, 2, 8])
     """
 
     def __init__(
@@ -61,6 +71,7 @@ class HashingEmbedding(CompressedEmbedding):
         *,
         num_buckets: int | Sequence[int],
         shared: bool = False,
+        frequent: int = 0,
         hash_small_fields: bool = False,
         seed: int = 0,
         sparse: bool = False,
@@ -68,29 +79,48 @@ class HashingEmbedding(CompressedEmbedding):
         super().__init__(cardinalities, embedding_dim)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
-        rows = self._rows_per_field(num_buckets, shared)
+        if isinstance(frequent, bool) or not isinstance(frequent, numbers.Integral) or frequent < 0:
+            raise ValueError(f"frequent must be a non-negative int (dedicated rows per field), got {frequent!r}")
+        if frequent and shared:
+            raise ValueError("frequent > 0 needs per-field tables; it cannot be combined with shared=True")
         self.shared = bool(shared)
         self.sparse = bool(sparse)
+        self.frequent = int(frequent)
+        dedicated = [min(self.frequent, n) for n in self.cardinalities]
+        rest = [n - k for n, k in zip(self.cardinalities, dedicated)]
+        rows = self._rows_per_field(num_buckets, rest)
         if self.shared:
             direct = [False] * self.num_fields
             offsets = [0] * self.num_fields
             total = rows[0]
         else:
-            direct = [m >= n and not hash_small_fields for m, n in zip(rows, self.cardinalities)]
-            offsets = list(itertools.accumulate(rows, initial=0))[:-1]
-            total = sum(rows)
+            # A field whose hashed rows cover its remaining ids stores every id in its own row.
+            direct = [m >= r and (r == 0 or not hash_small_fields) for m, r in zip(rows, rest)]
+            sizes = [k + m for k, m in zip(dedicated, rows)]
+            offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
+            total = sum(sizes)
         self.accepts_raw_ids = not any(direct)
+        num_hashes = 2 if self.frequent else 1
         self.weight = nn.Parameter(init_rows_(torch.empty(total, embedding_dim)))
-        self.register_buffer("seeds", field_seeds(int(seed), self.num_fields))
-        self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64))
+        if self.frequent:
+            # Double-hashed vectors are sums of two rows: halve those rows' variance to keep the output at 1/D.
+            with torch.no_grad():
+                for k, m, off, d in zip(dedicated, rows, offsets, direct):
+                    if not d:
+                        self.weight[off + k : off + k + m].mul_(0.5**0.5)
+        self.register_buffer("seeds", field_seeds(int(seed), self.num_fields * num_hashes).view(-1, num_hashes))
+        # The hash modulus; a field with no hashed rows is direct, and 1 keeps its (unused) modulo defined.
+        self.register_buffer("rows", torch.tensor([max(m, 1) for m in rows], dtype=torch.int64))
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
         self.register_buffer("direct", torch.tensor(direct, dtype=torch.bool))
+        if self.frequent:
+            self.register_buffer("dedicated", torch.tensor(dedicated, dtype=torch.int64))
         self._any_direct = any(direct)
 
-    def _rows_per_field(self, num_buckets: int | Sequence[int], shared: bool) -> list[int]:
+    def _rows_per_field(self, num_buckets: int | Sequence[int], rest: Sequence[int]) -> list[int]:
         if isinstance(num_buckets, numbers.Integral) and not isinstance(num_buckets, bool):
             values = [int(num_buckets)] * self.num_fields
-        elif shared:
+        elif self.shared:
             raise ValueError(f"with shared=True, num_buckets must be one int (the shared rows), got {num_buckets!r}")
         else:
             values = list(num_buckets)
@@ -99,18 +129,33 @@ class HashingEmbedding(CompressedEmbedding):
         for f, m in enumerate(values):
             if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
                 raise ValueError(f"num_buckets of field {f} must be a positive int, got {m!r}")
-        if shared:
+        if self.shared:
             return values
-        return [min(int(m), n) for m, n in zip(values, self.cardinalities)]
+        return [min(int(m), r) for m, r in zip(values, rest)]
 
     def id_limits(self) -> Sequence[int]:
         return [n if d else -1 for n, d in zip(self.cardinalities, self.direct.tolist())]
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        rows = bucket(ids, self.seeds[fields], self.rows[fields])
-        if self._any_direct:
-            rows = torch.where(self.direct[fields], ids, rows)
-        return F.embedding(rows + self.offsets[fields], self.weight, sparse=self.sparse)
+        offsets = self.offsets[fields]
+        if not self.frequent:
+            rows = bucket(ids, self.seeds[fields, 0], self.rows[fields])
+            if self._any_direct:
+                rows = torch.where(self.direct[fields], ids, rows)
+            return F.embedding(rows + offsets, self.weight, sparse=self.sparse)
+        dedicated = self.dedicated[fields]
+        hashed = bucket(ids.unsqueeze(-1), self.seeds[fields], self.rows[fields].unsqueeze(-1))
+        hashed = hashed + dedicated.unsqueeze(-1)
+        own_row = (ids < dedicated) | self.direct[fields]
+        first = torch.where(own_row, ids, hashed[..., 0])
+        # Ids with their own row gather it twice (the copy is zeroed), so no index leaves the field's rows.
+        second = torch.where(own_row, ids, hashed[..., 1])
+        rows = torch.stack([first, second], dim=-1) + offsets.unsqueeze(-1)
+        vectors = F.embedding(rows, self.weight, sparse=self.sparse)
+        return vectors[..., 0, :] + vectors[..., 1, :] * (~own_row).unsqueeze(-1).to(vectors.dtype)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.weight] if self.sparse else []
 
     @classmethod
     def from_budget(
@@ -120,34 +165,44 @@ class HashingEmbedding(CompressedEmbedding):
         *,
         budget_bytes: int,
         shared: bool = False,
+        frequent: int = 0,
         hash_small_fields: bool = False,
         seed: int = 0,
         sparse: bool = False,
     ):
-        """Spend the budget on rows: shared, or water-filled over fields (``m_f = min(n_f, c)``, largest ``c``)."""
+        """Spend the budget on rows: shared, or water-filled over fields (``m_f = min(n_f, c)``, largest ``c``).
+
+        With ``frequent=K`` the dedicated rows come first and the rest is water-filled over the remaining ids.
+        """
         budget = cls._check_budget(budget_bytes)
-        options = dict(shared=shared, hash_small_fields=hash_small_fields, seed=seed, sparse=sparse)
-        overhead = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options) - (
-            (1 if shared else len(_as_list(cardinalities))) * embedding_dim * 4
-        )
-        rows = (budget - overhead) // (embedding_dim * 4)
+        options = dict(shared=shared, frequent=frequent, hash_small_fields=hash_small_fields, seed=seed,
+                       sparse=sparse)
         cards = _as_list(cardinalities)
-        need = 1 if shared else len(cards)
+        row_bytes = embedding_dim * 4
+        probe = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options)
+        dedicated = sum(min(int(frequent), n) for n in cards) if not shared else 0
+        rest = [n - min(int(frequent), n) for n in cards]
+        probe_rows = 1 if shared else dedicated + sum(min(1, r) for r in rest)
+        overhead = probe - probe_rows * row_bytes
+        rows = (budget - overhead) // row_bytes - dedicated
+        need = 1 if shared else sum(1 for r in rest if r > 0)
         if rows < need:
+            minimum = overhead + (dedicated + max(need, 1)) * row_bytes
             raise BudgetError(
-                f"hashing.v1: a budget of {budget:,} bytes leaves room for {max(rows, 0)} rows of dim "
-                f"{embedding_dim} after {overhead:,} bytes of buffers; at least {need} needed "
-                f"(minimum budget {overhead + need * embedding_dim * 4:,} bytes)"
+                f"hashing.v1: a budget of {budget:,} bytes leaves room for {max(rows, 0)} hashed rows of dim "
+                f"{embedding_dim} after {overhead:,} bytes of buffers and {dedicated} dedicated rows; at least "
+                f"{need} needed (minimum budget {minimum:,} bytes)"
             )
         if shared:
             return cls(cardinalities, embedding_dim, num_buckets=int(rows), **options)
-        return cls(cardinalities, embedding_dim, num_buckets=water_fill(cards, int(rows)), **options)
-
-    def sparse_parameters(self) -> list[nn.Parameter]:
-        return [self.weight] if self.sparse else []
+        hashed = [r for r in rest if r > 0]
+        filled = iter(water_fill(hashed, int(rows)) if hashed else [])
+        num_buckets = [next(filled) if r > 0 else 1 for r in rest]
+        return cls(cardinalities, embedding_dim, num_buckets=num_buckets, **options)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rows={self.weight.shape[0]}, shared={self.shared}, sparse={self.sparse}"
+        return (f"{super().extra_repr()}, rows={self.weight.shape[0]}, shared={self.shared}, "
+                f"frequent={self.frequent}, sparse={self.sparse}")
 
 
 def _as_list(cardinalities: int | Sequence[int]) -> list[int]:
