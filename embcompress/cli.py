@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -27,20 +28,54 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import default_suite_path, format_table, load_suite, plot_results, run_suite
+def _write_report(records: list[dict], out: Path, title: str) -> str:
+    from .bench import format_table, plot_results
+
+    table = format_table(records)
+    (out / "report.md").write_text(f"# {title}\n\n{table}\n")
+    png = plot_results(records, out / "memory_vs_auc.png", title=title)
+    return f"{table}\n\nreport:  {out / 'report.md'}\nplot:    {png}"
+
+
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    from .bench import default_suite_path, load_suite, run_suite
 
     suite_path = Path(args.suite) if args.suite else default_suite_path()
     suite = load_suite(suite_path)
     out = Path(args.out or Path("results") / suite.name)
     print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
     records = run_suite(suite, out, device=args.device, progress=not args.quiet)
-    table = format_table(records)
-    (out / "report.md").write_text(f"# {suite.name}\n\n{table}\n")
-    png = plot_results(records, out / "memory_vs_auc.png", title=f"{suite.name}: {suite.model['type']}, D={suite.embedding_dim}")
-    print(table)
-    print(f"\nresults: {out / 'results.jsonl'}\nreport:  {out / 'report.md'}\nplot:    {png}")
+    print(_write_report(records, out, f"{suite.name}: {suite.model['type']}, D={suite.embedding_dim}"))
+    print(f"results: {out / 'results.jsonl'}")
     return 0 if all(r.get("status") == "ok" for r in records) else 1
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from .bench import read_results
+
+    results = Path(args.results)
+    if not results.is_file():
+        raise FileNotFoundError(f"results file {str(results)!r} does not exist")
+    out = Path(args.out) if args.out else results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    print(_write_report(read_results(results), out, args.title or results.parent.name))
+    return 0
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from .speed import format_speed, load_speed_suite, run_speed
+
+    suite_path = Path(args.suite) if args.suite else Path(__file__).resolve().parent.parent / "benchmarks" / "speed.yaml"
+    suite = load_speed_suite(suite_path)
+    out = Path(args.out or Path("results") / f"{suite.name}-{args.device}")
+    out.mkdir(parents=True, exist_ok=True)
+    records = run_speed(suite, device=args.device, progress=not args.quiet)
+    table = format_speed(records, suite, args.device)
+    (out / "report.md").write_text(f"# {suite.name} ({args.device})\n\n{table}\n")
+    with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    print(f"{table}\n\nreport:  {out / 'report.md'}")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,16 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list the registered table methods and CTR models")
     p_list.set_defaults(func=cmd_list)
-    p_bench = sub.add_parser("bench", help="run a benchmark suite (default: benchmarks/default.yaml)")
-    p_bench.add_argument("suite", nargs="?", help="suite YAML file (default: the default suite)")
-    p_bench.add_argument("--out", help="output folder (default: results/<suite name>)")
-    p_bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p_bench.add_argument("--quiet", action="store_true", help="no progress bars")
-    p_bench.set_defaults(func=cmd_bench)
+
+    p_bench = sub.add_parser("bench", help="benchmarks: run (the default), report, speed",
+                             description="`embcompress bench` alone runs the default suite.")
+    bench = p_bench.add_subparsers(dest="bench_command", required=True)
+    run_opts = argparse.ArgumentParser(add_help=False)
+    run_opts.add_argument("--out", help="output folder (default: results/<suite name>)")
+    run_opts.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    run_opts.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_run = bench.add_parser("run", parents=[run_opts], help="run a suite (default: benchmarks/default.yaml)")
+    p_run.add_argument("suite", nargs="?", help="suite YAML file")
+    p_run.set_defaults(func=cmd_bench_run)
+    p_report = bench.add_parser("report", help="markdown table and plot from a results.jsonl")
+    p_report.add_argument("results", help="results.jsonl written by `bench run`")
+    p_report.add_argument("--out", help="output folder (default: next to the results)")
+    p_report.add_argument("--title", help="report title")
+    p_report.set_defaults(func=cmd_bench_report)
+    p_speed = bench.add_parser("speed", parents=[run_opts], help="training and inference speed of the tables")
+    p_speed.add_argument("suite", nargs="?", help="speed suite YAML (default: benchmarks/speed.yaml)")
+    p_speed.set_defaults(func=cmd_bench_speed)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `embcompress bench` alone, or with only options, runs the default suite.
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1].startswith("-") and argv[1] not in ("-h", "--help")):
+        argv.insert(1, "run")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -39,7 +39,7 @@ def test_default_suite_is_valid():
 
 def test_bench_cli_writes_table_results_and_plot(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["bench", str(write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
+    assert main(["bench", "run", str(write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "Bayes-optimal test AUC" in printed and "| hashing | 16x |" in printed
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -64,7 +64,7 @@ def test_malformed_suites_fail_before_training(tmp_path, change, message):
     path = write(tmp_path, {**TINY, **change})
     with pytest.raises(SpecError, match=message):
         load_suite(path)
-    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert main(["bench", "run", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert not (tmp_path / "o").exists()
 
 
@@ -83,3 +83,55 @@ def test_console_script_help_and_list():
     assert "full.v1" in out.stdout and "hashing.v1" in out.stdout and "dlrm.v1" in out.stdout
     help_ = subprocess.run([sys.executable, "-m", "embcompress.cli", "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "bench" in help_.stdout
+
+
+def test_report_regenerates_the_table_from_jsonl(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(write(tmp_path, {**TINY, "methods": TINY["methods"][:1]})), "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    (out / "report.md").unlink()
+    assert main(["bench", "report", str(out / "results.jsonl"), "--title", "again"]) == 0
+    record = json.loads((out / "results.jsonl").read_text())
+    report = (out / "report.md").read_text()
+    assert report.startswith("# again")
+    assert f"| {record['test_auc']:.4f} |" in report and f"{record['bytes']:,}" in report
+
+
+def test_bench_without_a_subcommand_runs_the_default_suite(monkeypatch, capsys):
+    import embcompress.bench
+
+    seen = {}
+
+    def fake_run_suite(suite, out, *, device, progress):
+        seen["suite"], seen["device"] = suite.name, device
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(embcompress.bench, "run_suite", fake_run_suite)
+    assert main(["bench", "--device", "cpu", "--quiet"]) == 2
+    assert seen == {"suite": "default", "device": "cpu"}
+    assert "stop here" in capsys.readouterr().err
+
+
+def test_speed_suite_runs_and_reports_ratios(tmp_path):
+    from embcompress.speed import format_speed, load_speed_suite, run_speed
+
+    path = tmp_path / "speed.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "batch_size": 256, "cardinality_divisor": 2000, "steps": 2, "repeats": 2, "torchrec": False,
+        "methods": [{"name": "full", "table": {"type": "full.v1", "sparse": True}},
+                    {"name": "hashing", "table": {"type": "hashing.v1"}, "compression": 8}],
+    }))
+    suite = load_speed_suite(path)
+    records = run_speed(suite, progress=False)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert records[0]["vs_full"] == 1.0
+    assert records[1]["ratio"] == pytest.approx(8, rel=0.05)
+    assert "| hashing | 8x |" in format_speed(records, suite, "cpu")
+
+
+def test_committed_speed_suite_is_valid():
+    from embcompress.speed import load_speed_suite
+
+    suite = load_speed_suite(default_suite_path().parent / "speed.yaml")
+    assert any(spec["type"] == "full.v1" and spec.get("sparse") for _, spec, _ in suite.methods)

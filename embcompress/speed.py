@@ -1,0 +1,255 @@
+"""Speed of the tables themselves: training-step samples/s and inference latency, measured in one run.
+
+Each table is built at a budget over a Criteo-sized vocabulary (Criteo Kaggle cardinalities divided by
+``cardinality_divisor``: 3.4M rows at the default 10) and trained on Zipf-distributed ids through a small
+linear head, with the optimizers the training loop gives it (``SparseAdam`` for sparse-gradient tables,
+``Adam`` otherwise). The ratios compare each method with the fastest ``full.v1`` configuration of the same run,
+and with torchrec's ``EmbeddingBagCollection`` (unsharded, as torchrec runs it on one device) when installed.
+Timings are medians over repeats; nothing here is asserted in tests, the numbers are reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .bench import _lookup, _unknown
+from .memory import baseline_bytes
+from .registry import TABLES, SpecError, _load_builtins, build_table, check_kwargs
+from .synthetic import CRITEO_KAGGLE_CARDINALITIES
+from .training import TrainConfig, _optimizers
+
+__all__ = ["SpeedSuite", "load_speed_suite", "run_speed", "format_speed"]
+
+_KEYS = ("name", "batch_size", "embedding_dim", "cardinality_divisor", "steps", "repeats", "torchrec", "methods")
+TORCHREC_NAME = "torchrec EmbeddingBagCollection"
+
+
+@dataclass(frozen=True)
+class SpeedSuite:
+    name: str
+    methods: tuple[tuple[str, dict[str, Any], float | None], ...]  # (name, table spec, compression or None)
+    batch_size: int = 4096
+    embedding_dim: int = 16
+    cardinality_divisor: int = 10
+    steps: int = 30
+    repeats: int = 50
+    torchrec: bool = True
+
+    @property
+    def cardinalities(self) -> tuple[int, ...]:
+        return tuple(max(1, n // self.cardinality_divisor) for n in CRITEO_KAGGLE_CARDINALITIES)
+
+
+def load_speed_suite(path: str | os.PathLike) -> SpeedSuite:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"speed suite file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    where = str(path)
+    if not isinstance(raw, dict) or not raw.get("methods"):
+        raise SpecError(f"{where}: a speed suite is a mapping with a non-empty 'methods' list")
+    _unknown(raw, _KEYS, where)
+    _load_builtins()
+    methods = []
+    for i, m in enumerate(raw["methods"]):
+        mwhere = f"{where}: methods[{i}]"
+        if not isinstance(m, dict) or "table" not in m:
+            raise SpecError(f"{mwhere}: each method needs a 'table' spec")
+        _unknown(m, ("name", "table", "compression"), mwhere)
+        table = dict(m["table"])
+        cls = _lookup(TABLES, table.get("type"), f"{mwhere}: table")
+        ratio = m.get("compression")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
+            raise SpecError(f"{mwhere}: compression must be a positive number, got {ratio!r}")
+        options = {k: v for k, v in table.items() if k != "type"}
+        check_kwargs(cls.from_budget if ratio else cls, {**options, **({"budget_bytes": 1} if ratio else {})},
+                     mwhere, provided=("cardinalities", "embedding_dim"))
+        methods.append((str(m.get("name", table["type"])), table, float(ratio) if ratio else None))
+    options = {k: raw[k] for k in _KEYS if k in raw and k not in ("name", "methods")}
+    for key, value in options.items():
+        if key != "torchrec" and (not isinstance(value, int) or value < 1):
+            raise SpecError(f"{where}: {key} must be a positive int, got {value!r}")
+    return SpeedSuite(name=str(raw.get("name", path.stem)), methods=tuple(methods), **options)
+
+
+def zipf_ids(cardinalities, rows: int, *, exponent: float = 1.05, seed: int = 0) -> torch.Tensor:
+    """``LongTensor[rows, F]`` of frequency-ranked ids drawn from a Zipf law per field."""
+    rng = np.random.default_rng(seed)
+    cols = []
+    for n in cardinalities:
+        cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -exponent)
+        cols.append(np.minimum(np.searchsorted(cdf / cdf[-1], rng.random(rows)), n - 1))
+    return torch.from_numpy(np.stack(cols, axis=1).astype(np.int64))
+
+
+class _Head(nn.Module):
+    """The smallest model that makes every output coordinate matter: a linear map of the flattened vectors."""
+
+    def __init__(self, embeddings: nn.Module, width: int) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.linear = nn.Linear(width, 1)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(ids)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.lookup(ids).flatten(1)).squeeze(-1)
+
+
+class _TorchrecHead(nn.Module):
+    def __init__(self, ebc: nn.Module, keys: list[str], width: int) -> None:
+        super().__init__()
+        self.ebc, self.keys = ebc, keys
+        self.linear = nn.Linear(width, 1)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        from torchrec import KeyedJaggedTensor
+
+        lengths = torch.ones(ids.numel(), dtype=torch.int32, device=ids.device)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=ids.t().reshape(-1), lengths=lengths)
+        return self.ebc(kjt).values()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.lookup(ids)).squeeze(-1)
+
+
+def _torchrec_ebc(cards, dim: int) -> nn.Module:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+
+    keys = [f"C{i + 1}" for i in range(len(cards))]
+    configs = [
+        EmbeddingBagConfig(name=f"t_{k}", embedding_dim=dim, num_embeddings=n, feature_names=[k],
+                           pooling=PoolingType.SUM)
+        for k, n in zip(keys, cards)
+    ]
+    return _TorchrecHead(EmbeddingBagCollection(tables=configs), keys, len(cards) * dim)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_training(model: nn.Module, ids: torch.Tensor, suite: SpeedSuite, device: str) -> float:
+    opts = _optimizers(model, TrainConfig(optimizer="adam", device=device))
+    labels = (torch.rand(suite.batch_size, generator=torch.Generator().manual_seed(1)) < 0.25).float().to(device)
+    loss_fn = nn.BCEWithLogitsLoss()
+    n_batches = ids.shape[0] // suite.batch_size
+    warmup = 3
+    for step in range(warmup + suite.steps):
+        if step == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        batch = ids[(step % n_batches) * suite.batch_size : (step % n_batches + 1) * suite.batch_size]
+        loss = loss_fn(model(batch), labels)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+    _sync(device)
+    return suite.steps * suite.batch_size / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _latency(model: nn.Module, ids: torch.Tensor, batch: int, repeats: int, device: str) -> float:
+    """Median seconds of one forward pass of the table at ``batch`` rows."""
+    model.eval()
+    x = ids[:batch]
+    times = []
+    for i in range(repeats + 3):
+        _sync(device)
+        start = time.perf_counter()
+        model.lookup(x)
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    model.train()
+    return statistics.median(times)
+
+
+def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) -> list[dict]:
+    """Measure every method of ``suite`` (and torchrec's EBC when asked and installed) in this process."""
+    from tqdm.auto import tqdm
+
+    cards, dim = suite.cardinalities, suite.embedding_dim
+    base = baseline_bytes(cards, dim)
+    n_batches = 4
+    ids = zipf_ids(cards, n_batches * suite.batch_size).to(device)
+    entries: list[tuple[str, dict, float | None]] = list(suite.methods)
+    records = []
+    if suite.torchrec:
+        try:
+            import torchrec  # noqa: F401
+
+            entries.append((TORCHREC_NAME, {"type": "torchrec"}, None))
+        except ImportError:
+            pass
+    for name, spec, ratio in tqdm(entries, desc=f"speed {suite.name}", disable=not progress):
+        torch.manual_seed(0)
+        try:
+            if spec.get("type") == "torchrec":
+                model = _torchrec_ebc(cards, dim).to(device)
+                table_bytes = sum(p.numel() * p.element_size() for p in model.ebc.parameters())
+            else:
+                full_spec = dict(spec, **({"budget_bytes": base / ratio} if ratio else {}))
+                table = build_table(full_spec, cards, dim)
+                model = _Head(table, len(cards) * dim).to(device)
+                table_bytes = table.memory_report().total_bytes
+            record = {
+                "method": name, "table": spec, "target_ratio": ratio, "bytes": table_bytes,
+                "ratio": base / table_bytes, "train_samples_per_second": _time_training(model, ids, suite, device),
+                "latency_b1_s": _latency(model, ids, 1, suite.repeats, device),
+                "latency_b1024_s": _latency(model, ids, 1024, suite.repeats, device),
+                "status": "ok",
+            }
+        except Exception as err:  # one failing method is reported; the others are still measured
+            record = {"method": name, "table": spec, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        records.append(record)
+        del model
+    fastest_full = max((r["train_samples_per_second"] for r in records
+                        if r["status"] == "ok" and r["table"].get("type") == "full.v1"), default=None)
+    ebc = next((r for r in records if r["method"] == TORCHREC_NAME and r["status"] == "ok"), None)
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        r["vs_full"] = r["train_samples_per_second"] / fastest_full if fastest_full else None
+        r["vs_torchrec"] = r["train_samples_per_second"] / ebc["train_samples_per_second"] if ebc else None
+    return records
+
+
+def format_speed(records: list[dict], suite: SpeedSuite, device: str) -> str:
+    cards = suite.cardinalities
+    lines = [
+        f"Batch {suite.batch_size}, {len(cards)} fields, D={suite.embedding_dim}, vocabulary {sum(cards):,} rows "
+        f"(Criteo Kaggle / {suite.cardinality_divisor}), device {device}; training step = forward + backward + "
+        f"optimizer over a linear head, throughput over {suite.steps} timed steps after 3 warm-up steps; latency = median of "
+        f"{suite.repeats} forward passes.",
+        "",
+        "| method | target | bytes | ratio | train samples/s | vs fastest full | vs torchrec EBC "
+        "| latency b=1 (µs) | latency b=1024 (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | FAILED: {r['error']} |||||||")
+            continue
+        fmt = lambda v: f"{v:.2f}x" if v is not None else "n/a"  # noqa: E731
+        target = f"{r['target_ratio']:g}x" if r["target_ratio"] else "-"
+        lines.append(
+            f"| {r['method']} | {target} | {r['bytes']:,} | {r['ratio']:.1f}x | {r['train_samples_per_second']:,.0f} "
+            f"| {fmt(r['vs_full'])} | {fmt(r['vs_torchrec'])} | {r['latency_b1_s'] * 1e6:,.0f} "
+            f"| {r['latency_b1024_s'] * 1e3:,.2f} |"
+        )
+    return "\n".join(lines)
