@@ -2,5 +2,7 @@
 
 from .full import FullEmbedding
 from .hashing import HashingEmbedding
+from .unified import UnifiedEmbedding
+from .hash_embedding import HashEmbedding
 
-__all__ = ["FullEmbedding", "HashingEmbedding"]
+__all__ = ["FullEmbedding", "HashingEmbedding", "UnifiedEmbedding", "HashEmbedding"]

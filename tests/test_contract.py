@@ -9,7 +9,7 @@ import torch
 from embcompress import TABLES, BudgetError, list_tables
 from embcompress.hashing import bucket
 from embcompress.memory import baseline_bytes
-from embcompress.tables import FullEmbedding, HashingEmbedding
+from embcompress.tables import FullEmbedding, HashEmbedding, HashingEmbedding, UnifiedEmbedding
 
 from .conftest import CARDS, DIM, make_table
 
@@ -30,6 +30,15 @@ HAND_COUNTS = {
     "full.v1": (lambda: FullEmbedding([10, 3, 7], 4), 20 * 4 * 4 + 3 * 8),
     # rows min(n, m) = 10 + 3 + 50; per field an int64 seed, row count and offset, and a bool "direct" flag
     "hashing.v1": (lambda: HashingEmbedding([100, 3, 50], 4, num_buckets=[10, 5, 60]), 63 * 4 * 4 + 3 * 25),
+    # 2 tables x M=5 rows x d_chunk=2 fp32; per field 2 int64 chunk seeds and one int64 row offset
+    "unified.v1": (
+        lambda: UnifiedEmbedding([10, 3, 7], 4, num_buckets=5, chunks=2, num_tables=2), 10 * 2 * 4 + 3 * 2 * 8 + 3 * 8
+    ),
+    # pool 6 x D=4 and importance 6 x k=2 fp32; projection D x (D + k) fp32; per field k + 1 = 3 int64 seeds
+    "hash_embedding.v1": (
+        lambda: HashEmbedding([10, 3, 7], 4, num_buckets=6, append_weights=True),
+        6 * (4 + 2) * 4 + 4 * (4 + 2) * 4 + 3 * 3 * 8,
+    ),
 }
 
 

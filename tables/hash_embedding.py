@@ -1,0 +1,176 @@
+"""``hash_embedding.v1``: hash embeddings, an importance-weighted sum of k hashed rows.
+
+Svenstrup, Hansen & Winther, "Hash Embeddings for Efficient Word Representations", NeurIPS 2017; the
+multi-hash sum without weights is the scheme of spaCy/thinc's ``HashEmbed``.
+
+An id ``x`` of field ``f`` reads ``k`` rows of a pool ``E`` of ``B`` rows and mixes them with ``k`` trainable
+importance weights read from a table ``P`` of ``K`` rows by one more hash::
+
+    seed[f, i]  = field_seeds(seed, F * (k + 1))[f * (k + 1) + i]      i = 0..k
+    h_i(x)      = bucket(x, seed[f, i], B)       i < k: pool rows;  i = k: importance row (K = B)
+    v(x)        = sum_i P[h_k(x), i] * E[h_i(x)]                   (plain sum_i E[h_i(x)] when weights=False)
+    out(x)      = W @ concat(v(x), P[h_k(x)])     with append_weights=True, W of shape [D, D + k], no bias
+
+Two ids collide fully only if all ``k`` pool rows and the importance row coincide, so far fewer rows than ids
+keep most ids distinguishable.
+
+Layout choices:
+
+* One pool shared by all fields, each field hashed with its own salts (rather than per-field pools fused): the
+  budget stays one knob with nothing to split over fields, every field takes raw unbounded ids, and the salts
+  make collisions between fields random instead of systematic (the same id in two fields shares rows only by
+  chance). The paper's pool is likewise one table shared by a whole vocabulary.
+* ``K = B`` (no separate option): the importance table grows with the budget at a fixed ``k / D`` share of the
+  pool's bytes (12.5% for k=2, D=16), and one ``bucket`` call with one modulus yields all ``k + 1`` rows.
+  The paper uses ``K`` near the vocabulary size, which would not compress the large fields at all.
+* Seeds are derived for ``k + 1`` hashes in both modes; with ``weights=False`` only the ``k`` pool seeds are
+  stored, so the pool rows of an id do not depend on ``weights``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embcompress.contract import BudgetError, CompressedEmbedding
+from embcompress.hashing import bucket, field_seeds
+from embcompress.registry import TABLES
+
+_MAX_SEED = 2**31
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+@TABLES.register("hash_embedding.v1")
+class HashEmbedding(CompressedEmbedding):
+    """Importance-weighted sum of ``num_hashes`` rows of one shared pool.
+
+    Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``; every field accepts any id in ``[0, 2**63)``.
+    Stored: ``pool`` ``[num_buckets, D]`` fp32; ``importance`` ``[num_buckets, k]`` fp32 (with ``weights``);
+    ``projection`` ``[D, D + k]`` fp32 (with ``append_weights``); ``seeds`` ``[F, k + 1]`` int64 (``[F, k]``
+    without ``weights``).
+
+    Args:
+        num_buckets: ``B``, the rows of the pool, and ``K = B`` rows of importance weights.
+        num_hashes: ``k``, pool rows summed per id.
+        weights: trainable importance weights; ``False`` gives the plain sum of the ``k`` rows (thinc-style).
+        append_weights: concatenate the ``k`` importance weights to the vector and map the ``D + k`` values back
+            to ``D`` with a bias-free linear layer.
+        seed: selects the hash functions; the derived seeds are saved in the state_dict.
+        sparse: sparse gradients for ``pool`` and ``importance`` (use with ``torch.optim.SparseAdam``).
+
+    >>> import torch
+    >>> t = HashEmbedding([10**9, 500, 3], 8, num_buckets=1000)
+    >>> t(torch.tensor([[2**40 + 7, 499, 2], [0, 0, 0]])).shape
+    torch.Size([2, 3, 8])
+    >>> t.memory_report().total_bytes == 1000 * (8 + 2) * 4 + 3 * 3 * 8
+    True
+    """
+
+    accepts_raw_ids = True
+
+    def __init__(
+        self,
+        cardinalities: int | Sequence[int],
+        embedding_dim: int,
+        *,
+        num_buckets: int,
+        num_hashes: int = 2,
+        weights: bool = True,
+        append_weights: bool = False,
+        seed: int = 0,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__(cardinalities, embedding_dim)
+        self.num_buckets = _positive_int("num_buckets", num_buckets)
+        self.num_hashes = k = _positive_int("num_hashes", num_hashes)
+        for name, flag in (("weights", weights), ("append_weights", append_weights), ("sparse", sparse)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if append_weights and not weights:
+            raise ValueError("append_weights=True needs weights=True: there are no importance weights to append")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        self.weights = weights
+        self.append_weights = append_weights
+        self.sparse = sparse
+        D = embedding_dim
+        # Init: importance weights start at 1 and pool rows N(0, 1/(k D)), so for distinct rows
+        # Var(sum_i p_i E_i) = k * 1 * 1/(k D) = 1/D, a full table row's scale; weights=False gives the same
+        # output at init. The projection starts as [I_D | 0], i.e. the weighted sum unchanged; the zero
+        # columns still get gradients (they multiply the non-zero weights).
+        pool = torch.empty(self.num_buckets, D)
+        with torch.no_grad():
+            pool.normal_(0.0, (k * D) ** -0.5)
+        self.pool = nn.Parameter(pool)
+        self.importance = nn.Parameter(torch.ones(self.num_buckets, k)) if weights else None
+        if append_weights:
+            self.projection = nn.Parameter(torch.cat([torch.eye(D), torch.zeros(D, k)], dim=1))
+        else:
+            self.projection = None
+        seeds = field_seeds(int(seed), self.num_fields * (k + 1)).view(self.num_fields, k + 1)
+        self.register_buffer("seeds", seeds if weights else seeds[:, :k].clone())
+
+    def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        k = self.num_hashes
+        # All k pool rows and the importance row in one call: they share the modulus since K = B.
+        rows = bucket(ids.unsqueeze(-1), self.seeds[fields], self.num_buckets)  # [..., k (+1)]
+        vecs = F.embedding(rows[..., :k], self.pool, sparse=self.sparse)  # [..., k, D]
+        if not self.weights:
+            return vecs.sum(-2)
+        p = F.embedding(rows[..., k], self.importance, sparse=self.sparse)  # [..., k]
+        out = (p.unsqueeze(-1) * vecs).sum(-2)
+        if self.append_weights:
+            out = F.linear(torch.cat([out, p], dim=-1), self.projection)
+        return out
+
+    @classmethod
+    def from_budget(
+        cls,
+        cardinalities: int | Sequence[int],
+        embedding_dim: int,
+        *,
+        budget_bytes: int,
+        num_hashes: int = 2,
+        weights: bool = True,
+        append_weights: bool = False,
+        seed: int = 0,
+        sparse: bool = False,
+    ):
+        """The largest ``B`` with ``B * (D + k) * 4 + projection + seeds <= budget_bytes``.
+
+        ``k`` counts only with ``weights``; ``K = B`` grows with ``B``, so one row of each costs ``(D + k) * 4``.
+        """
+        budget = cls._check_budget(budget_bytes)
+        options = dict(
+            num_hashes=num_hashes, weights=weights, append_weights=append_weights, seed=seed, sparse=sparse
+        )
+        probe = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options)
+        per_b = (embedding_dim + (num_hashes if weights else 0)) * 4  # one pool row and one importance row
+        overhead = probe - per_b
+        rows = (budget - overhead) // per_b
+        if rows < 1:
+            raise BudgetError(
+                f"hash_embedding.v1: a budget of {budget:,} bytes leaves no room for one pool row after "
+                f"{overhead:,} bytes of seeds and projection (minimum budget {overhead + per_b:,} bytes)"
+            )
+        return cls(cardinalities, embedding_dim, num_buckets=int(rows), **options)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        if not self.sparse:
+            return []
+        return [self.pool, self.importance] if self.weights else [self.pool]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_buckets={self.num_buckets}, num_hashes={self.num_hashes}, "
+            f"weights={self.weights}, append_weights={self.append_weights}, sparse={self.sparse}"
+        )

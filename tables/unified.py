@@ -1,0 +1,148 @@
+"""``unified.v1``: Unified Embedding, one hashed table multiplexed across all fields.
+
+Coleman et al., "Unified Embedding: Battle-Tested Feature Representations for Web-Scale ML Systems",
+NeurIPS 2023.
+
+Every field hashes into the same table of ``M`` rows of width ``d_chunk = D / chunks``; the fields share the
+rows (feature multiplexing) instead of each owning a slice of the budget, so a large field borrows capacity
+from small ones and the whole budget is one knob. Field ``f`` makes ``k = chunks`` lookups, each with its own
+salted hash of (field, chunk), and concatenates them to ``D = k * d_chunk``:
+
+    seed[f, j]  = field_seeds(seed, F * k)[f * k + j]
+    row[f, j]   = bucket(id, seed[f, j], M) + table_offset[f]
+    out[..., j * d_chunk:(j + 1) * d_chunk] = weight[row[f, j]]
+
+The salts make the same raw id land on unrelated rows in different fields, and every field takes raw,
+unbounded non-negative ids. With ``num_tables = T > 1`` the fields are dealt round robin to ``T`` tables of
+``M`` rows each (field ``f`` -> table ``f % T``), stored fused as one weight of ``T * M`` rows with per-field
+row offsets, so a batch is still one bucket call and one gather.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embcompress.contract import BudgetError, CompressedEmbedding
+from embcompress.hashing import bucket, field_seeds
+from embcompress.registry import TABLES
+
+_MAX_SEED = 2**31
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+@TABLES.register("unified.v1")
+class UnifiedEmbedding(CompressedEmbedding):
+    """One (or a few) shared hashed tables for all fields, each id read as ``chunks`` salted lookups.
+
+    Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``; every field accepts any id in ``[0, 2**63)``.
+    Stored: ``weight`` ``[num_tables * M, D / chunks]`` fp32, ``seeds`` ``[F, chunks]`` int64 and ``offsets``
+    ``[F]`` int64 (first row of each field's table).
+
+    Args:
+        num_buckets: ``M``, the rows of each shared table.
+        chunks: lookups per id; each reads a row of width ``D / chunks`` (``D`` must be divisible).
+        num_tables: number of shared tables; fields are assigned round robin (``f % num_tables``).
+        seed: selects the hash functions; the derived seeds are saved in the state_dict.
+        sparse: sparse gradients for ``weight`` (use with ``torch.optim.SparseAdam``).
+
+    >>> import torch
+    >>> t = UnifiedEmbedding([10**9, 500, 3], 8, num_buckets=1000, chunks=2)
+    >>> t(torch.tensor([[2**40 + 7, 499, 2], [0, 0, 0]])).shape
+    torch.Size([2, 3, 8])
+    >>> t.memory_report().total_bytes == 1000 * 4 * 4 + 3 * 2 * 8 + 3 * 8
+    True
+    """
+
+    accepts_raw_ids = True
+
+    def __init__(
+        self,
+        cardinalities: int | Sequence[int],
+        embedding_dim: int,
+        *,
+        num_buckets: int,
+        chunks: int = 1,
+        num_tables: int = 1,
+        seed: int = 0,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__(cardinalities, embedding_dim)
+        self.num_buckets = _positive_int("num_buckets", num_buckets)
+        self.chunks = _positive_int("chunks", chunks)
+        self.num_tables = _positive_int("num_tables", num_tables)
+        if embedding_dim % self.chunks:
+            raise ValueError(
+                f"embedding_dim D={embedding_dim} is not divisible by chunks={self.chunks}: each of the chunks "
+                f"lookups reads D / chunks columns (choose chunks among the divisors of {embedding_dim})"
+            )
+        if self.num_tables > self.num_fields:
+            raise ValueError(
+                f"num_tables={self.num_tables} exceeds the {self.num_fields} field(s): fields are dealt round "
+                f"robin, so tables beyond the number of fields would never be read"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        self.sparse = bool(sparse)
+        self.chunk_dim = embedding_dim // self.chunks
+        # Each chunk row is drawn N(0, 1/D), not N(0, 1/d_chunk): the concatenated vector then has the same
+        # per-coordinate scale as a full table's row (init_rows_ would scale by the chunk width instead).
+        weight = torch.empty(self.num_tables * self.num_buckets, self.chunk_dim)
+        with torch.no_grad():
+            weight.normal_(0.0, embedding_dim**-0.5)
+        self.weight = nn.Parameter(weight)
+        seeds = field_seeds(int(seed), self.num_fields * self.chunks).view(self.num_fields, self.chunks)
+        self.register_buffer("seeds", seeds.clone())
+        offsets = [(f % self.num_tables) * self.num_buckets for f in range(self.num_fields)]
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
+
+    def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        # [..., 1] against the [..., k] seeds of each id's field: every chunk hashed in one call.
+        rows = bucket(ids.unsqueeze(-1), self.seeds[fields], self.num_buckets)
+        rows = rows + self.offsets[fields].unsqueeze(-1)
+        out = F.embedding(rows, self.weight, sparse=self.sparse)  # [..., k, d_chunk]
+        return out.flatten(-2)
+
+    @classmethod
+    def from_budget(
+        cls,
+        cardinalities: int | Sequence[int],
+        embedding_dim: int,
+        *,
+        budget_bytes: int,
+        chunks: int = 1,
+        num_tables: int = 1,
+        seed: int = 0,
+        sparse: bool = False,
+    ):
+        """The largest ``M`` with ``num_tables * M * (D / chunks) * 4 + buffers <= budget_bytes``."""
+        budget = cls._check_budget(budget_bytes)
+        options = dict(chunks=chunks, num_tables=num_tables, seed=seed, sparse=sparse)
+        probe = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options)
+        per_m = num_tables * (embedding_dim // chunks) * 4  # bytes one more row in every table costs
+        overhead = probe - per_m
+        rows = (budget - overhead) // per_m
+        if rows < 1:
+            raise BudgetError(
+                f"unified.v1: a budget of {budget:,} bytes leaves no room for one row in each of {num_tables} "
+                f"table(s) after {overhead:,} bytes of buffers (minimum budget {overhead + per_m:,} bytes)"
+            )
+        return cls(cardinalities, embedding_dim, num_buckets=int(rows), **options)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.weight] if self.sparse else []
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_buckets={self.num_buckets}, chunks={self.chunks}, "
+            f"num_tables={self.num_tables}, sparse={self.sparse}"
+        )
