@@ -219,8 +219,8 @@ def test_keyed_jagged_tensor_input(table_name):
         table.forward_kjt(torchrec.KeyedJaggedTensor(keys=["a", "b", "x", "d"], values=values, lengths=lengths))
 
 
-@pytest.mark.parametrize("ratio", [2, 8, 64])
-def test_budget_lands_within_a_few_percent_under(table_name, ratio):
+@pytest.mark.parametrize("ratio", [2, 4, 16, 64, 256])
+def test_budget_lands_within_5_percent_under(table_name, ratio):
     cls = TABLES.get(table_name)
     cards = [100_000, 20_000, 3_000, 500, 40, 3]
     budget = baseline_bytes(cards, 16) / ratio
@@ -228,9 +228,10 @@ def test_budget_lands_within_a_few_percent_under(table_name, ratio):
         table = cls.from_budget(cards, 16, budget_bytes=budget)
     except BudgetError as err:
         assert table_name in str(err)  # the method says it cannot, and why
+        assert "minimum budget" in str(err) or "cannot compress" in str(err)
         return
     total = table.memory_report().total_bytes
-    assert 0.97 * budget <= total <= budget
+    assert 0.95 * budget <= total <= budget
 
 
 @pytest.mark.parametrize("bad", [0, -5, float("nan"), "1MB"])
