@@ -8,11 +8,13 @@ fsynced) to ``results.jsonl``; the markdown table and the AUC-vs-bytes plot are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
-import time
+import resource
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from . import __version__
 from .contract import CompressedEmbedding
 from .data import CTRData
 from .memory import baseline_bytes
@@ -174,34 +177,93 @@ def run_one(
     }
 
 
+def run_key(suite: Suite, method: MethodSpec, ratio: float | None, seed: int) -> str:
+    """Hash of everything that determines one run's result, so a rerun can tell what is already done."""
+    config = {
+        "data": suite.data, "embedding_dim": suite.embedding_dim, "model": suite.model, "train": suite.train,
+        "method": method.name, "table": method.table, "ratio": ratio, "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux: the peak of this process so far, so it only grows along a suite.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _drop_partial_tail(path: Path) -> int:
+    """Cut an unterminated last line (a run killed mid-write); returns the bytes removed."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+        return len(data) - keep
+
+
 def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Run every (method, ratio, seed) of ``suite``; append each finished run to ``out_dir/results.jsonl``."""
+    """Run every (method, ratio, seed) of ``suite``; append each finished run to ``out_dir/results.jsonl``.
+
+    Runs already recorded as finished (same run key) are skipped, so a killed suite resumes where it stopped.
+    A failing run is recorded with its error, the suite goes on, and a rerun tries it again.
+    Returns the records of the whole suite: the ones found and the ones run now.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    start = time.perf_counter()
-    data = make_synthetic(SyntheticConfig(**(suite.data.get("synthetic") or {})))
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "data_seconds": time.perf_counter() - start}
-    records = []
-    runs = suite.runs()
-    for method, ratio, seed in tqdm(runs, desc=f"suite {suite.name}", disable=not progress):
+    _drop_partial_tail(results_path)
+    done = {r["run_key"]: r for r in (read_results(results_path) if results_path.exists() else [])
+            if r.get("status") == "ok" and "run_key" in r}
+    runs = [(m, ratio, seed, run_key(suite, m, ratio, seed)) for m, ratio, seed in suite.runs()]
+    todo = [run for run in runs if run[3] not in done]
+    if len(todo) < len(runs) and progress:
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs already in {results_path}; running the other {len(todo)}")
+    data = None
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "embcompress": __version__,
+            "git_commit": _git_commit()}
+    for method, ratio, seed, key in tqdm(todo, desc=f"suite {suite.name}", disable=not progress):
+        if data is None:
+            data = make_synthetic(SyntheticConfig(**(suite.data.get("synthetic") or {})))
         try:
             record = run_one(suite, data, method, ratio, seed, device=device, progress=progress)
             record["status"] = "ok"
         except Exception as err:  # a failing run is recorded and the suite goes on
-            record = {"suite": suite.name, "method": method.name, "target_ratio": ratio, "seed": seed,
-                      "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        record.update(meta)
+            record = {"suite": suite.name, "method": method.name, "table": method.table, "target_ratio": ratio,
+                      "seed": seed, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        record.update(meta, run_key=key, peak_rss_mb=_peak_rss_mb())
         _append_line(results_path, record)
-        records.append(record)
-    return records
+        done[key] = record
+    return [done[key] for *_, key in runs if key in done]
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
+    """Records of a results.jsonl; an unterminated last line (a run killed mid-write) is ignored."""
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        text = fh.read()
+    lines = text.split("\n")
+    complete = lines[:-1]  # the text after the last newline is empty, or a partial line
+    records = []
+    for number, line in enumerate(complete, start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    return records
 
 
 def _group(records: list[dict]) -> list[dict]:

@@ -135,3 +135,57 @@ def test_committed_speed_suite_is_valid():
 
     suite = load_speed_suite(default_suite_path().parent / "speed.yaml")
     assert any(spec["type"] == "full.v1" and spec.get("sparse") for _, spec, _ in suite.methods)
+
+
+def _suite_with_runs(tmp_path, n_ratios=4):
+    suite = {**TINY, "methods": [TINY["methods"][0], {**TINY["methods"][1], "compression": [2, 4, 8, 16][:n_ratios]}]}
+    return write(tmp_path, suite)
+
+
+def test_rerun_skips_finished_runs(tmp_path, capsys):
+    path, out = _suite_with_runs(tmp_path, 1), tmp_path / "out"
+    assert main(["bench", "run", str(path), "--out", str(out), "--quiet"]) == 0
+    first = (out / "results.jsonl").read_text()
+    assert main(["bench", "run", str(path), "--out", str(out), "--quiet"]) == 0
+    assert (out / "results.jsonl").read_text() == first  # nothing ran again
+    records = [json.loads(line) for line in first.splitlines()]
+    assert all(r["git_commit"] is None or len(r["git_commit"]) == 40 for r in records)
+    assert all(r["peak_rss_mb"] > 0 and r["torch"] for r in records)
+
+
+def test_sigkill_mid_suite_then_rerun_records_every_run_once(tmp_path):
+    import os
+    import signal
+    import time
+
+    path, out = _suite_with_runs(tmp_path), tmp_path / "out"
+    results = out / "results.jsonl"
+    cmd = [sys.executable, "-m", "embcompress.cli", "bench", "run", str(path), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (results.exists() and results.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = results.read_text()
+    assert 2 <= killed.count("\n") < 5, "the kill must land mid-suite"
+    with open(results, "a") as fh:  # what a kill in the middle of a write would leave
+        fh.write('{"run_key": "partial')
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    text = results.read_text()
+    assert text.endswith("\n") and text.startswith(killed)
+    records = [json.loads(line) for line in text.splitlines()]
+    keys = [r["run_key"] for r in records]
+    assert len(keys) == len(set(keys)) == 5
+    assert all(r["status"] == "ok" for r in records)
+
+
+def test_failed_run_is_recorded_and_the_suite_goes_on(tmp_path, capsys):
+    suite = {**TINY, "methods": [{"name": "too-small", "table": {"type": "hashing.v1"}, "compression": [1e9]},
+                                 TINY["methods"][0]]}
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(write(tmp_path, suite)), "--out", str(out), "--quiet"]) == 1
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["failed", "ok"]
+    assert "BudgetError" in records[0]["error"] and "minimum budget" in records[0]["error"]
+    assert "FAILED: too-small" in capsys.readouterr().out
