@@ -4,5 +4,9 @@ from .full import FullEmbedding
 from .hashing import HashingEmbedding
 from .unified import UnifiedEmbedding
 from .hash_embedding import HashEmbedding
+from .mixed_dim import MixedDimEmbedding
+from .qr import QREmbedding
 
-__all__ = ["FullEmbedding", "HashingEmbedding", "UnifiedEmbedding", "HashEmbedding"]
+__all__ = [
+    "FullEmbedding", "HashingEmbedding", "UnifiedEmbedding", "HashEmbedding", "MixedDimEmbedding", "QREmbedding",
+]

@@ -9,7 +9,14 @@ import torch
 from embcompress import TABLES, BudgetError, list_tables
 from embcompress.hashing import bucket
 from embcompress.memory import baseline_bytes
-from embcompress.tables import FullEmbedding, HashEmbedding, HashingEmbedding, UnifiedEmbedding
+from embcompress.tables import (
+    FullEmbedding,
+    HashEmbedding,
+    HashingEmbedding,
+    MixedDimEmbedding,
+    QREmbedding,
+    UnifiedEmbedding,
+)
 
 from .conftest import CARDS, DIM, make_table
 
@@ -30,6 +37,15 @@ HAND_COUNTS = {
     "full.v1": (lambda: FullEmbedding([10, 3, 7], 4), 20 * 4 * 4 + 3 * 8),
     # rows min(n, m) = 10 + 3 + 50; per field an int64 seed, row count and offset, and a bool "direct" flag
     "hashing.v1": (lambda: HashingEmbedding([100, 3, 50], 4, num_buckets=[10, 5, 60]), 63 * 4 * 4 + 3 * 25),
+    # field 100: c=10 -> moduli (10, 10); field 3 <= threshold: full, 3 rows; field 50: (10, 5) -> 38 rows x D=4
+    # fp32, plus int64 [3, 2] divisors, moduli and offsets, and a bool [3] "full" flag
+    "qr.v1": (lambda: QREmbedding([100, 3, 50], 4, collisions=10, threshold=20), 38 * 4 * 4 + 3 * (3 * 2 * 8) + 3),
+    # rows: field 0 ids 0..264 at width 2 and 265..999 at width 1, field 1 at full width 4; one [2, 4] projection;
+    # int64: 2 fields x (first part + 1 part-start slot), 3 parts x (group, shift, slot), stacked projection rows 2 + 1
+    "mixed_dim.v1": (
+        lambda: MixedDimEmbedding([1000, 10], 4, scale=40.0, alpha=0.5),
+        (735 * 1 + 265 * 2 + 10 * 4 + 2 * 4) * 4 + (2 * 2 + 3 * 3 + 2 + 1) * 8,
+    ),
     # 2 tables x M=5 rows x d_chunk=2 fp32; per field 2 int64 chunk seeds and one int64 row offset
     "unified.v1": (
         lambda: UnifiedEmbedding([10, 3, 7], 4, num_buckets=5, chunks=2, num_tables=2), 10 * 2 * 4 + 3 * 2 * 8 + 3 * 8

@@ -1,0 +1,409 @@
+"""``qr.v1``: compositional embeddings from complementary partitions (the quotient-remainder trick).
+
+Shi, Mudigere, Naumov & Yang, "Compositional Embeddings Using Complementary Partitions for Memory-Efficient
+Recommendation Systems", KDD 2020.
+
+Each id ``x`` of a field with ``n`` ids is split into ``k`` partition indices (a *complementary* set: no two ids
+in ``[0, n)`` share all ``k`` of them), each indexes a small table, and the ``k`` rows are combined into one
+vector. Partition ``j`` of ``x`` is ``(x // divisor_j) % modulus_j``, in exact int64 arithmetic (never float
+division, which returns wrong rows above 2**24). The collision knob ``c`` sets the moduli:
+
+* ``scheme="qr"`` (mixed radix): ``modulus = (c, ..., c, ceil(n / c**(k-1)))`` with ``divisor_j`` the product of
+  the earlier moduli. For ``k = 2`` this is the paper's quotient-remainder trick: ``r = x % c`` in a table of
+  ``c`` rows and ``q = x // c`` in a table of ``ceil(n / c)`` rows; ``c`` ids share each quotient row.
+* ``scheme="crt"`` (Chinese remainder): ``x % m_j`` with pairwise coprime ``m_j``: the ``k - 1`` smallest
+  pairwise coprime ints from ``c`` up, then the smallest int coprime to them that makes the product reach ``n``.
+
+Rows combine by ``operation``: ``"mult"`` (elementwise product, the paper's default), ``"add"``, or ``"concat"``
+(the ``k`` rows have sub-widths summing to ``D``: ``D // k``, the first ``D % k`` of them one wider). Memory is
+about ``k * n**(1/k)`` rows per field at the smallest (``c ~ n**(1/k)``), so very high ratios are out of reach for
+small vocabularies. Fields with at most ``threshold`` ids keep a full table.
+
+Layout: every sub-table of every field lives in one fused fp32 weight (for ``concat`` with ``D % k != 0``, two:
+one per sub-width), addressed by per-(field, partition) row offsets, so a batch is one integer kernel computing
+all ``[..., k]`` rows and one gather. A full field stores its ``n`` rows once: for ``mult``/``add`` in its
+partition 0, its other partitions read the same rows and are masked out of the combination; for ``concat`` each
+partition holds the field's ``n`` rows of its sub-width, so the concatenation is exactly a full row of ``D``.
+
+Multi-hot bags are composed per id and then pooled (``sum_i q_i * r_i`` for ``mult``), which is what the base
+class's ``forward_bags`` does. The public DLRM code pools each sub-table first, which for ``mult`` gives
+``(sum_i q_i) * (sum_i r_i)``: a different, cross-multiplied function of the bag.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embcompress.contract import BudgetError, CompressedEmbedding
+from embcompress.registry import TABLES
+
+__all__ = ["QREmbedding", "partition_plan", "partition_indices", "sub_dims"]
+
+SCHEMES = ("qr", "crt")
+OPERATIONS = ("mult", "add", "concat")
+
+
+def partition_plan(n: int, collisions: int, scheme: str = "qr", partitions: int = 2) -> tuple[tuple[int, ...], ...]:
+    """``(divisors, moduli)`` of the ``partitions`` partitions of ``[0, n)`` for the collision knob ``c``.
+
+    Partition ``j`` of an id ``x`` is ``(x // divisors[j]) % moduli[j]``; the product of the moduli is at least
+    ``n`` and (for ``crt``) they are pairwise coprime, so every id keeps a unique combination. ``c`` is capped
+    at ``n ** (1 / (k - 1))`` (``n`` for ``k = 2``): beyond it a partition would hold rows that no id reads.
+    Pure Python on ints: usable without any table or device.
+    """
+    for name, value, least in (("n", n, 1), ("collisions", collisions, 1), ("partitions", partitions, 2)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    k = int(partitions)
+    c = min(int(collisions), _iroot(int(n), k - 1))
+    if scheme == "qr":
+        moduli = [c] * (k - 1)
+        moduli.append(max(1, -(-n // c ** (k - 1))))
+        divisors = list(itertools.accumulate(moduli[:-1], lambda a, b: a * b, initial=1))
+        return tuple(divisors), tuple(moduli)
+    if scheme == "crt":
+        moduli = []
+        m = c
+        while len(moduli) < k - 1:
+            if all(math.gcd(m, p) == 1 for p in moduli):
+                moduli.append(m)
+            m += 1
+        m = max(1, -(-n // math.prod(moduli)))
+        while not all(math.gcd(m, p) == 1 for p in moduli):
+            m += 1
+        moduli.append(m)
+        return (1,) * k, tuple(moduli)
+    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def _iroot(n: int, k: int) -> int:
+    """The largest ``r >= 1`` with ``r ** k <= n``, exactly (floats only for the first guess)."""
+    r = max(1, int(round(n ** (1.0 / k))))
+    while r > 1 and r**k > n:
+        r -= 1
+    while (r + 1) ** k <= n:
+        r += 1
+    return r
+
+
+def partition_indices(ids: torch.Tensor, divisors: torch.Tensor, moduli: torch.Tensor) -> torch.Tensor:
+    """``LongTensor[...]`` ids -> ``LongTensor[..., k]`` partition indices ``(ids // divisors) % moduli``.
+
+    ``divisors`` and ``moduli`` are int64 ``[..., k]`` broadcastable against ``ids[..., None]``. Integer
+    arithmetic throughout, exact for every int64 id.
+    """
+    return torch.div(ids.unsqueeze(-1), divisors, rounding_mode="floor") % moduli
+
+
+def sub_dims(embedding_dim: int, partitions: int, operation: str) -> tuple[int, ...]:
+    """Width of the rows of each partition: ``D`` for ``mult``/``add``; for ``concat`` ``D // k``, the first
+    ``D % k`` partitions one wider, summing to ``D``."""
+    if operation != "concat":
+        return (embedding_dim,) * partitions
+    d, r = divmod(embedding_dim, partitions)
+    return (d + 1,) * r + (d,) * (partitions - r)
+
+
+def _check_options(embedding_dim, scheme, partitions, operation, threshold) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if isinstance(partitions, bool) or not isinstance(partitions, numbers.Integral) or not 2 <= partitions <= 16:
+        raise ValueError(f"partitions must be an int in [2, 16], got {partitions!r}")
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
+    if operation == "concat" and isinstance(embedding_dim, int) and embedding_dim < partitions:
+        raise ValueError(
+            f"operation='concat' splits embedding_dim={embedding_dim} over partitions={partitions}; "
+            f"it needs embedding_dim >= partitions"
+        )
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Integral) or threshold < 0:
+        raise ValueError(f"threshold must be a non-negative int, got {threshold!r}")
+
+
+@TABLES.register("qr.v1")
+class QREmbedding(CompressedEmbedding):
+    """Compositional embeddings: ``k`` small tables per field, one row of each combined per id.
+
+    Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``; ids of field ``f`` must lie in ``[0, n_f)``.
+    Stored: ``weight`` ``[R, D]`` fp32 (``[R, D // k]`` for ``concat``, plus ``weight_wide``
+    ``[R', D // k + 1]`` holding the first ``D % k`` partitions when ``D % k != 0``), and int64 ``[F, k]``
+    buffers ``divisors``, ``moduli``, ``offsets`` (partition ``j`` of field ``f`` reads row
+    ``offsets[f, j] + (id // divisors[f, j]) % moduli[f, j]``), plus a bool ``[F]`` ``full`` flag. ``plans``
+    holds the same ``(divisors, moduli)`` per field as Python ints (also on the ``meta`` device), and
+    :meth:`partition_rows` returns the ``[..., k]`` rows of a batch.
+
+    Args:
+        collisions: the knob ``c`` (one int, or one per field; default 4 as in DLRM): for ``k = 2`` with
+            ``scheme="qr"``, the quotient divisor, i.e. the number of ids sharing each quotient row. Memory falls as
+            ``c`` grows up to about ``n**(1/k)``; it is capped at ``n_f ** (1 / (k - 1))``.
+        scheme: ``"qr"`` (mixed radix; the quotient-remainder trick for ``k = 2``) or ``"crt"`` (Chinese
+            remainder, pairwise coprime moduli).
+        partitions: ``k``, the number of complementary partitions (tables) per field, 2 to 16.
+        operation: ``"mult"`` (elementwise product), ``"add"`` or ``"concat"`` (needs ``D >= k``).
+        threshold: fields with at most this many ids keep a full table (default 200, as in the paper).
+        sparse: sparse gradients for the weights (use with ``torch.optim.SparseAdam``).
+
+    >>> import torch
+    >>> t = QREmbedding([10**6, 50], 8, collisions=1000)  # field 0: 1000 + 1000 rows; field 1: full
+    >>> t(torch.tensor([[999_999, 49], [0, 0]])).shape
+    torch.Size([2, 2, 8])
+    >>> t.weight.shape
+    torch.Size([2050, 8])
+    """
+
+    def __init__(
+        self,
+        cardinalities: int | Sequence[int],
+        embedding_dim: int,
+        *,
+        collisions: int | Sequence[int] = 4,
+        scheme: str = "qr",
+        partitions: int = 2,
+        operation: str = "mult",
+        threshold: int = 200,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__(cardinalities, embedding_dim)
+        _check_options(embedding_dim, scheme, partitions, operation, threshold)
+        c_per_field = self._collisions_per_field(collisions)
+        k = int(partitions)
+        self.scheme, self.partitions, self.operation = scheme, k, operation
+        self.threshold, self.sparse = int(threshold), bool(sparse)
+        dims = sub_dims(embedding_dim, k, operation)
+        wide = embedding_dim % k if operation == "concat" else 0  # partitions 0..wide-1 live in weight_wide
+        self.num_wide = wide
+
+        full = [n <= self.threshold for n in self.cardinalities]
+        plans = []  # per field: (divisors, moduli), Python ints, also for meta-device tables
+        for n, c, is_full in zip(self.cardinalities, c_per_field, full):
+            plans.append(((1,) * k, (n,) * k) if is_full else partition_plan(n, c, scheme, k))
+        self.plans: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = tuple(plans)
+
+        # Row offsets: a running count per fused weight (0: weight, 1: weight_wide). A full field's mult/add
+        # partitions 1..k-1 point at its partition-0 rows and are masked out in embed(): no extra storage.
+        count = [0, 0]
+        offsets, full_ranges = [], []
+        for n, is_full, (_, moduli) in zip(self.cardinalities, full, plans):
+            row = []
+            for j, m in enumerate(moduli):
+                w = 1 if j < wide else 0
+                if is_full and operation != "concat" and j > 0:
+                    row.append(row[0])
+                    continue
+                row.append(count[w])
+                if is_full:
+                    full_ranges.append((w, count[w], n))
+                count[w] += m
+            offsets.append(row)
+
+        # Init so composed vectors start like full rows, N(0, 1/D): a product of k independent zero-mean
+        # factors of variance s**2 has variance s**(2k), so mult uses s = D**(-1/(2k)); a sum of k has variance
+        # k * s**2, so add uses s = (k * D)**-0.5; concat parts are entries of the output, so N(0, 1/D).
+        # Full fields' rows are used alone and get N(0, 1/D) directly.
+        full_std = embedding_dim**-0.5
+        std = {"mult": embedding_dim ** (-0.5 / k), "add": (k * embedding_dim) ** -0.5, "concat": full_std}[operation]
+        weights = [torch.empty(count[0], dims[-1]), torch.empty(count[1], dims[0]) if wide else None]
+        with torch.no_grad():
+            for w in weights:
+                if w is not None:
+                    w.normal_(0.0, std)
+            for w, start, n in full_ranges:
+                weights[w][start : start + n].normal_(0.0, full_std)
+        self.weight = nn.Parameter(weights[0])
+        self.register_parameter("weight_wide", nn.Parameter(weights[1]) if wide else None)
+
+        self.register_buffer("divisors", torch.tensor([p[0] for p in plans], dtype=torch.int64))
+        self.register_buffer("moduli", torch.tensor([p[1] for p in plans], dtype=torch.int64))
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
+        self.register_buffer("full", torch.tensor(full, dtype=torch.bool))
+        self._divide = any(d != 1 for p in plans for d in p[0])  # crt and all-full tables skip the division
+        self._mask_full = operation != "concat" and any(full) and not all(full)
+        self._all_full = all(full)
+
+    def _collisions_per_field(self, collisions) -> list[int]:
+        if isinstance(collisions, numbers.Integral) and not isinstance(collisions, bool):
+            values = [collisions] * self.num_fields
+        elif isinstance(collisions, Sequence) and not isinstance(collisions, str):
+            values = list(collisions)
+            if len(values) != self.num_fields:
+                raise ValueError(f"collisions has {len(values)} entries for {self.num_fields} fields")
+        else:
+            raise ValueError(f"collisions must be a positive int or one per field, got {collisions!r}")
+        for f, c in enumerate(values):
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+                raise ValueError(f"collisions of field {f} must be a positive int, got {c!r}")
+        return [int(c) for c in values]
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def partition_rows(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """Rows of the fused weight(s) read by each id: ``LongTensor[..., k]`` (partition offsets included)."""
+        x = ids.unsqueeze(-1)
+        if self._divide:
+            x = torch.div(x, self.divisors[fields], rounding_mode="floor")
+        return x % self.moduli[fields] + self.offsets[fields]
+
+    def _rows_partition_first(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        # partition_rows laid out [k, ...]: the k gathered slices are then contiguous, which makes the
+        # product/sum and the full-field blend several times faster than on strided [..., j, :] views.
+        shape = (self.partitions,) + (1,) * (ids.dim() - fields.dim()) + tuple(fields.shape)
+        x = ids.unsqueeze(0)
+        if self._divide:
+            x = torch.div(x, self.divisors.t()[:, fields].view(shape), rounding_mode="floor")
+        return x % self.moduli.t()[:, fields].view(shape) + self.offsets.t()[:, fields].view(shape)
+
+    def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        if self.operation == "concat":
+            rows = self.partition_rows(ids, fields)
+            parts = F.embedding(rows[..., self.num_wide :], self.weight, sparse=self.sparse).flatten(-2)
+            if self.num_wide:
+                wide = F.embedding(rows[..., : self.num_wide], self.weight_wide, sparse=self.sparse).flatten(-2)
+                parts = torch.cat([wide, parts], dim=-1)
+            return parts
+        if self._all_full:
+            return F.embedding(self.partition_rows(ids, fields)[..., 0], self.weight, sparse=self.sparse)
+        g = F.embedding(self._rows_partition_first(ids, fields), self.weight, sparse=self.sparse)  # [k, ..., D]
+        if self.operation == "add":
+            out = g.sum(0)
+        else:  # explicit products: torch.prod's backward takes a slower zero-safe path
+            out = g[0]
+            for j in range(1, self.partitions):
+                out = out * g[j]
+        if self._mask_full:
+            # Full fields take their partition-0 row alone. lerp with weight 1 returns `end` exactly (ATen
+            # computes end - diff * (1 - w) for w >= 0.5) and sends no gradient to the composed branch.
+            out = torch.lerp(out, g[0], self.full[fields].unsqueeze(-1).to(out.dtype))
+        return out
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        if not self.sparse:
+            return []
+        return [self.weight] + ([self.weight_wide] if self.weight_wide is not None else [])
+
+    # ---------------------------------------------------------------------------------------------- budget
+    @classmethod
+    def from_budget(
+        cls,
+        cardinalities: int | Sequence[int],
+        embedding_dim: int,
+        *,
+        budget_bytes: int,
+        scheme: str = "qr",
+        partitions: int = 2,
+        operation: str = "mult",
+        threshold: int = 200,
+        sparse: bool = False,
+    ):
+        """Choose the collision knob per field so the table lands in ``[0.95, 1] x budget_bytes``.
+
+        Fields start from one common ``c`` (each capped at its memory-minimising value), the smallest ``c``
+        that fits; the slack is then spent field by field, largest first, on the fewest collisions that still
+        fit. Raises :class:`BudgetError` naming the smallest reachable budget when even the minimal
+        footprint (``c ~ n**(1/k)``) does not fit, or when QR's coarse sizes at low compression leave nothing
+        within 5% under the budget (naming the closest table size under it).
+        """
+        budget = cls._check_budget(budget_bytes)
+        _check_options(embedding_dim, scheme, partitions, operation, threshold)
+        options = dict(scheme=scheme, partitions=partitions, operation=operation, threshold=threshold, sparse=sparse)
+        name = getattr(cls, "registry_name", cls.__name__)
+        # Everything but the compressed fields' sub-tables: buffers and full fields, measured, not guessed.
+        probe = cls.planned_bytes(cardinalities, embedding_dim, collisions=1, **options)
+        cards = [int(cardinalities)] if isinstance(cardinalities, numbers.Integral) else [int(n) for n in cardinalities]
+        dims = sub_dims(embedding_dim, partitions, operation)
+
+        def cost(n: int, c: int) -> int:  # bytes of a compressed field's sub-tables
+            return 4 * sum(m * d for m, d in zip(partition_plan(n, c, scheme, partitions)[1], dims))
+
+        qr = [f for f, n in enumerate(cards) if n > threshold]
+        fixed = probe - sum(cost(cards[f], 1) for f in qr)
+        best = {f: _cheapest(lambda c, n=cards[f]: cost(n, c), cards[f], partitions) for f in qr}
+        smallest = fixed + sum(cost(cards[f], best[f]) for f in qr)
+        if smallest > budget:
+            raise BudgetError(
+                f"{name}: a budget of {budget:,} bytes is below the smallest footprint of {smallest:,} bytes "
+                f"(minimum budget {smallest:,} bytes: {partitions} partitions of about n**(1/{partitions}) rows "
+                f"for each field over threshold={threshold}, plus {fixed:,} bytes of full tables and buffers)"
+            )
+        if not qr and fixed < 0.95 * budget:
+            raise BudgetError(
+                f"{name}: every field has at most threshold={threshold} ids and is stored full in {fixed:,} "
+                f"bytes, under 95% of the budget of {budget:,} bytes; lower threshold to compress"
+            )
+
+        def total(cs: dict[int, int]) -> int:
+            return fixed + sum(cost(cards[f], c) for f, c in cs.items())
+
+        def fill(cs: dict[int, int], order: list[int]) -> dict[int, int]:
+            cs = dict(cs)
+            for f in order:
+                slack = budget - total(cs)
+                if slack < 0:
+                    break
+                cs[f] = _fewest_collisions(lambda c, n=cards[f]: cost(n, c), cs[f], cost(cards[f], cs[f]) + slack)
+            return cs
+
+        def level(c: int) -> dict[int, int]:
+            return {f: min(c, best[f]) for f in qr}
+
+        lo, hi = 1, max(best.values(), default=1)  # total(level(hi)) == smallest fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if total(level(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        # Spend the slack largest field first (big steps), then smallest first (fine steps); keep the closest.
+        by_size = sorted(qr, key=lambda i: -cards[i])
+        tries = [fill(level(c), order) for c in range(lo, lo + 4) for order in (by_size, by_size[::-1] + by_size)]
+        chosen = max(tries, key=lambda cs: (total(cs) if total(cs) <= budget else -1))
+        bytes_ = total(chosen)
+        if bytes_ < 0.95 * budget:
+            raise BudgetError(
+                f"{name}: the closest table under a budget of {budget:,} bytes stores {bytes_:,} bytes "
+                f"({bytes_ / budget:.1%} of it): partition sizes move in coarse steps at low compression "
+                f"(c + ceil(n / c) rows for two partitions), too coarse to land within 5% here; ask for "
+                f"{bytes_:,} bytes, or for a larger compression ratio"
+            )
+        table = cls(cardinalities, embedding_dim, collisions=[chosen.get(f, 1) for f in range(len(cards))], **options)
+        if table.memory_report().total_bytes != bytes_:  # the size model above must match the real table
+            raise RuntimeError(f"{name}: planned {bytes_:,} bytes, built {table.memory_report().total_bytes:,}")
+        return table
+
+    def extra_repr(self) -> str:
+        rows = self.weight.shape[0] + (self.weight_wide.shape[0] if self.weight_wide is not None else 0)
+        return (
+            f"{super().extra_repr()}, scheme={self.scheme!r}, partitions={self.partitions}, "
+            f"operation={self.operation!r}, threshold={self.threshold}, rows={rows}, sparse={self.sparse}"
+        )
+
+
+def _cheapest(cost, n: int, k: int) -> int:
+    """The collision knob with the smallest footprint (fewest collisions among ties), searched around
+    ``n**(1/k)``: a coarse geometric scan over [root/4, 4 root], then every c near the best."""
+    root = n ** (1.0 / k)
+    grid = {max(1, min(n, int(root * 1.02**i))) for i in range(-70, 71)}
+    c0 = min(sorted(grid), key=cost)
+    span = max(8, c0 // 40)
+    near = range(max(1, c0 - span), min(n, c0 + span) + 1)
+    return min(near, key=lambda c: (cost(c), c))
+
+
+def _fewest_collisions(cost, c_max: int, limit: int) -> int:
+    """The smallest ``c`` in ``[1, c_max]`` whose cost is at most ``limit`` (``cost(c_max) <= limit``), by
+    bisection on a cost that falls with ``c`` over this range (up to rounding wiggles, which it tolerates)."""
+    if cost(1) <= limit:
+        return 1
+    lo, hi = 1, c_max  # cost(lo) > limit >= cost(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(mid) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    return hi
