@@ -25,16 +25,36 @@ from torch import nn
 
 from .memory import MemoryReport, baseline_bytes, measure
 
-__all__ = ["CompressedEmbedding", "BudgetError", "POOLING_MODES"]
+__all__ = [
+    "CompressedEmbedding", "BudgetError", "POOLING_MODES", "as_cardinalities", "check_positive_int", "check_seed",
+    "init_rows_",
+]
 
 POOLING_MODES = ("sum", "mean")
+
+
+MAX_SEED = 2**31
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int, or a ``ValueError`` naming ``name`` and the bad value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_seed(seed) -> int:
+    """A hash seed in ``[0, 2**31)`` (so derived per-field seeds stay inside int64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    return int(seed)
 
 
 class BudgetError(ValueError):
     """A memory budget the method cannot meet, or a method that cannot be built to a budget at all."""
 
 
-def _as_cardinalities(cardinalities: int | Sequence[int]) -> tuple[int, ...]:
+def as_cardinalities(cardinalities: int | Sequence[int]) -> tuple[int, ...]:
     seq = [cardinalities] if isinstance(cardinalities, numbers.Integral) else list(cardinalities)
     if not seq:
         raise ValueError("cardinalities is empty: expected one positive int per field")
@@ -62,7 +82,7 @@ class CompressedEmbedding(nn.Module):
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
         self.single = isinstance(cardinalities, numbers.Integral)
-        self.cardinalities = _as_cardinalities(cardinalities)
+        self.cardinalities = as_cardinalities(cardinalities)
         self.embedding_dim = embedding_dim
         self.field_names: tuple[str, ...] = tuple(f"field{i}" for i in range(self.num_fields))
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

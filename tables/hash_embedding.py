@@ -29,25 +29,15 @@ Layout choices:
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding
+from embcompress.contract import BudgetError, CompressedEmbedding, check_positive_int, check_seed
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
-
-_MAX_SEED = 2**31
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
 
 @TABLES.register("hash_embedding.v1")
 class HashEmbedding(CompressedEmbedding):
@@ -90,15 +80,14 @@ class HashEmbedding(CompressedEmbedding):
         sparse: bool = False,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        self.num_buckets = _positive_int("num_buckets", num_buckets)
-        self.num_hashes = k = _positive_int("num_hashes", num_hashes)
+        self.num_buckets = check_positive_int("num_buckets", num_buckets)
+        self.num_hashes = k = check_positive_int("num_hashes", num_hashes)
         for name, flag in (("weights", weights), ("append_weights", append_weights), ("sparse", sparse)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
         if append_weights and not weights:
             raise ValueError("append_weights=True needs weights=True: there are no importance weights to append")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
-            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        check_seed(seed)
         self.weights = weights
         self.append_weights = append_weights
         self.sparse = sparse

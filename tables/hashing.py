@@ -30,12 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, init_rows_
+from embcompress.contract import BudgetError, CompressedEmbedding, as_cardinalities, check_seed, init_rows_
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
-
-_MAX_SEED = 2**31
-
 
 @TABLES.register("hashing.v1")
 class HashingEmbedding(CompressedEmbedding):
@@ -77,8 +74,7 @@ class HashingEmbedding(CompressedEmbedding):
         sparse: bool = False,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
-            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        check_seed(seed)
         if isinstance(frequent, bool) or not isinstance(frequent, numbers.Integral) or frequent < 0:
             raise ValueError(f"frequent must be a non-negative int (dedicated rows per field), got {frequent!r}")
         if frequent and shared:
@@ -177,7 +173,7 @@ class HashingEmbedding(CompressedEmbedding):
         budget = cls._check_budget(budget_bytes)
         options = dict(shared=shared, frequent=frequent, hash_small_fields=hash_small_fields, seed=seed,
                        sparse=sparse)
-        cards = _as_list(cardinalities)
+        cards = list(as_cardinalities(cardinalities))
         row_bytes = embedding_dim * 4
         probe = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options)
         dedicated = sum(min(int(frequent), n) for n in cards) if not shared else 0
@@ -203,10 +199,6 @@ class HashingEmbedding(CompressedEmbedding):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rows={self.weight.shape[0]}, shared={self.shared}, "
                 f"frequent={self.frequent}, sparse={self.sparse}")
-
-
-def _as_list(cardinalities: int | Sequence[int]) -> list[int]:
-    return [int(cardinalities)] if isinstance(cardinalities, numbers.Integral) else [int(c) for c in cardinalities]
 
 
 def water_fill(cardinalities: Sequence[int], total_rows: int) -> list[int]:

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, _as_cardinalities, init_rows_
+from embcompress.contract import BudgetError, CompressedEmbedding, as_cardinalities, init_rows_
 from embcompress.registry import TABLES
 
 __all__ = ["MixedDimEmbedding", "MixedDimPlan", "plan_mixed_dims", "block_bounds", "zipf_block_popularity"]
@@ -413,7 +413,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         width-1 table (about ``D``x compression) raise :class:`BudgetError` naming the smallest reachable budget.
         """
         budget = cls._check_budget(budget_bytes)
-        cards = _as_cardinalities(cardinalities)
+        cards = as_cardinalities(cardinalities)
         _check_dim(embedding_dim)
         _check_options(None, alpha, blocks_per_field, round_dims, sparse)
         options = dict(alpha=alpha, blocks_per_field=blocks_per_field, round_dims=round_dims)

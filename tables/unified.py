@@ -20,25 +20,15 @@ row offsets, so a batch is still one bucket call and one gather.
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding
+from embcompress.contract import BudgetError, CompressedEmbedding, check_positive_int, check_seed
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
-
-_MAX_SEED = 2**31
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
 
 @TABLES.register("unified.v1")
 class UnifiedEmbedding(CompressedEmbedding):
@@ -77,9 +67,9 @@ class UnifiedEmbedding(CompressedEmbedding):
         sparse: bool = False,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        self.num_buckets = _positive_int("num_buckets", num_buckets)
-        self.chunks = _positive_int("chunks", chunks)
-        self.num_tables = _positive_int("num_tables", num_tables)
+        self.num_buckets = check_positive_int("num_buckets", num_buckets)
+        self.chunks = check_positive_int("chunks", chunks)
+        self.num_tables = check_positive_int("num_tables", num_tables)
         if embedding_dim % self.chunks:
             raise ValueError(
                 f"embedding_dim D={embedding_dim} is not divisible by chunks={self.chunks}: each of the chunks "
@@ -90,8 +80,7 @@ class UnifiedEmbedding(CompressedEmbedding):
                 f"num_tables={self.num_tables} exceeds the {self.num_fields} field(s): fields are dealt round "
                 f"robin, so tables beyond the number of fields would never be read"
             )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _MAX_SEED:
-            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        check_seed(seed)
         self.sparse = bool(sparse)
         self.chunk_dim = embedding_dim // self.chunks
         # Each chunk row is drawn N(0, 1/D), not N(0, 1/d_chunk): the concatenated vector then has the same
