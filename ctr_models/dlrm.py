@@ -15,7 +15,7 @@ from torch import nn
 from embcompress.contract import CompressedEmbedding
 from embcompress.registry import MODELS
 
-from .layers import MLP, DotInteraction
+from .layers import MLP, DotInteraction, check_num_dense, check_sizes
 
 
 @MODELS.register("dlrm.v1")
@@ -46,9 +46,11 @@ class DLRM(nn.Module):
         super().__init__()
         if embeddings.single:
             raise ValueError("DLRM needs a feature collection (one cardinality per field), not a single table")
+        bottom_mlp = check_sizes("bottom_mlp", bottom_mlp, allow_empty=True)
+        top_mlp = check_sizes("top_mlp", top_mlp, allow_empty=True)
         dim = embeddings.embedding_dim
         self.embeddings = embeddings
-        self.num_dense = int(num_dense)
+        self.num_dense = check_num_dense(num_dense)
         self.bottom = MLP(self.num_dense, [*bottom_mlp, dim]) if self.num_dense else None
         num_vectors = embeddings.num_fields + (1 if self.bottom is not None else 0)
         self.interaction = DotInteraction(num_vectors, self_interaction=self_interaction)
