@@ -18,11 +18,12 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from .contract import CompressedEmbedding
 from .data import Batch, CTRData, iterate_batches
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adam", "adagrad")
+OPTIMIZERS = ("adam", "adagrad", "sgd")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class TrainConfig:
     device: str = "cpu"
     eval_batch_size: int = 65536
     progress: bool = True
+    embedding_lr: float | None = None  # learning rate of the tables (default: lr)
+    weight_decay: float = 0.0  # dense layers
+    embedding_weight_decay: float = 0.0  # table parameters with dense gradients
+    lr_decay: float = 0.1  # learning rates are multiplied by this after an epoch without a better val AUC
+    checkpoint: str | None = None  # file for the best weights (default: kept in memory)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -44,8 +50,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("lr", "embedding_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("weight_decay", "embedding_weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not (isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1] (1 keeps the learning rate), got {self.lr_decay!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available here")
 
@@ -63,17 +77,34 @@ class TrainResult:
 
 
 def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    tables = [m for m in model.modules() if hasattr(m, "sparse_parameters")]
-    sparse = [p for t in tables for p in t.sparse_parameters()]
+    """Dense layers, table parameters with dense gradients, and sparse-gradient table parameters, each with
+    their learning rate and weight decay; sparse ones under an optimizer that takes sparse gradients."""
+    tables = [m for m in model.modules() if isinstance(m, CompressedEmbedding)]
+    sparse = [p for t in tables for p in t.sparse_parameters() if p.requires_grad]
+    table_params = {id(p) for t in tables for p in t.parameters()}
     sparse_ids = {id(p) for p in sparse}
-    dense = [p for p in model.parameters() if id(p) not in sparse_ids and p.requires_grad]
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
+    table_dense = [p for t in tables for p in t.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    emb_lr = cfg.embedding_lr or cfg.lr
+    if sparse and cfg.embedding_weight_decay:
+        raise ValueError(
+            f"embedding_weight_decay={cfg.embedding_weight_decay} needs dense table gradients: {cfg.optimizer}'s "
+            "sparse update has no weight decay; build the table with sparse=False"
+        )
+    groups = [
+        {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": table_dense, "lr": emb_lr, "weight_decay": cfg.embedding_weight_decay},
+    ]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adam":
-        opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr)] if dense else []
+        opts: list[torch.optim.Optimizer] = [torch.optim.Adam(groups)] if groups else []
         if sparse:
-            opts.append(torch.optim.SparseAdam(sparse, lr=cfg.lr))
-    else:  # Adagrad handles sparse gradients itself
-        opts = [torch.optim.Adagrad(dense + sparse, lr=cfg.lr)]
-    return opts
+            opts.append(torch.optim.SparseAdam(sparse, lr=emb_lr))
+        return opts
+    if sparse:  # Adagrad and plain SGD take sparse gradients themselves
+        groups.append({"params": sparse, "lr": emb_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.Adagrad if cfg.optimizer == "adagrad" else torch.optim.SGD
+    return [optimizer(groups)] if groups else []
 
 
 @torch.no_grad()
@@ -132,15 +163,23 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
         val_auc, val_loss = evaluate(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
-        history.append({"epoch": epoch, "train_logloss": running / len(train_split),
-                        "val_auc": val_auc, "val_logloss": val_loss})
+        history.append({"epoch": epoch, "train_logloss": running / len(train_split), "val_auc": val_auc,
+                        "val_logloss": val_loss, "lr": opts[0].param_groups[0]["lr"] if opts else None})
         if val_auc > best_auc:
             best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            if cfg.checkpoint:
+                torch.save(model.state_dict(), cfg.checkpoint)
+            else:
+                best_state = copy.deepcopy(model.state_dict())
         else:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
                 break
+            for opt in opts:
+                for group in opt.param_groups:
+                    group["lr"] *= cfg.lr_decay
+    if cfg.checkpoint and best_epoch:
+        best_state = torch.load(cfg.checkpoint, map_location=cfg.device, weights_only=True)
     if best_state is not None:
         model.load_state_dict(best_state)
     val_auc, val_loss = evaluate(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)

@@ -26,3 +26,9 @@ def table_name(request) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # The tests use tiny models, where a second intra-op thread costs more than it saves, and a one-thread
+    # run cannot be slowed down by oversubscribing a shared machine.
+    torch.set_num_threads(1)
