@@ -33,7 +33,7 @@ from .training import TrainConfig, train
 
 __all__ = ["Suite", "MethodSpec", "load_suite", "default_suite_path", "run_suite", "format_table", "plot_results"]
 
-_SUITE_KEYS = ("name", "data", "embedding_dim", "model", "train", "seeds", "methods")
+_SUITE_KEYS = ("name", "data", "embedding_dim", "model", "models", "train", "seeds", "methods")
 _METHOD_KEYS = ("name", "table", "compression")
 
 
@@ -45,19 +45,34 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    model: ModelSpec
+    method: MethodSpec
+    ratio: float | None
+    seed: int
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     data: dict[str, Any]
     embedding_dim: int
-    model: dict[str, Any]
+    models: tuple[ModelSpec, ...]
     train: dict[str, Any]
     seeds: tuple[int, ...]
     methods: tuple[MethodSpec, ...]
     source: str = "<memory>"
 
-    def runs(self) -> list[tuple[MethodSpec, float | None, int]]:
+    def runs(self) -> list[Run]:
         return [
-            (m, ratio, seed)
+            Run(model, m, ratio, seed)
+            for model in self.models
             for m in self.methods
             for ratio in (m.compression or (None,))
             for seed in self.seeds
@@ -91,9 +106,10 @@ def load_suite(path: str | os.PathLike) -> Suite:
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: a suite must be a YAML mapping with keys {list(_SUITE_KEYS)}")
     _unknown(raw, _SUITE_KEYS, where)
-    for key in ("methods", "model"):
-        if key not in raw:
-            raise SpecError(f"{where}: missing key {key!r}")
+    if "methods" not in raw:
+        raise SpecError(f"{where}: missing key 'methods'")
+    if ("model" in raw) == ("models" in raw):
+        raise SpecError(f"{where}: give either 'model' (one mapping) or 'models' (a list), not both or neither")
     data = dict(raw.get("data") or {"synthetic": {}})
     _unknown(data, ("synthetic",), f"{where}: data")
     try:
@@ -112,10 +128,21 @@ def load_suite(path: str | os.PathLike) -> Suite:
     if not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise SpecError(f"{where}: seeds must be non-negative ints, got {list(seeds)}")
     _load_builtins()
-    model = dict(raw["model"])
-    model_cls = _lookup(MODELS, model.get("type"), f"{where}: model")
-    check_kwargs(model_cls, {k: v for k, v in model.items() if k != "type"}, f"{where}: model",
-                 provided=("embeddings", "num_dense"))
+    model_list = [raw["model"]] if "model" in raw else raw["models"]
+    if not isinstance(model_list, list) or not model_list:
+        raise SpecError(f"{where}: models must be a non-empty list of model specs")
+    models = []
+    for i, entry in enumerate(model_list):
+        mwhere = f"{where}: model" if "model" in raw else f"{where}: models[{i}]"
+        if not isinstance(entry, dict):
+            raise SpecError(f"{mwhere}: a model spec is a mapping with a 'type' key, got {entry!r}")
+        spec = {k: v for k, v in entry.items() if k != "name"}
+        model_cls = _lookup(MODELS, spec.get("type"), mwhere)
+        check_kwargs(model_cls, {k: v for k, v in spec.items() if k != "type"}, mwhere,
+                     provided=("embeddings", "num_dense"))
+        models.append(ModelSpec(name=str(entry.get("name", spec["type"])), spec=spec))
+    if len({m.name for m in models}) != len(models):
+        raise SpecError(f"{where}: model names must be unique, got {[m.name for m in models]}")
     methods = []
     if not isinstance(raw["methods"], list) or not raw["methods"]:
         raise SpecError(f"{where}: methods must be a non-empty list")
@@ -138,7 +165,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
         methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table,
                                   compression=tuple(float(r) for r in ratios)))
     return Suite(
-        name=str(raw.get("name", path.stem)), data=data, embedding_dim=dim, model=model, train=train_opts,
+        name=str(raw.get("name", path.stem)), data=data, embedding_dim=dim, models=tuple(models), train=train_opts,
         seeds=seeds, methods=tuple(methods), source=str(path),
     )
 
@@ -151,23 +178,22 @@ def _append_line(path: Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def run_one(
-    suite: Suite, data: CTRData, method: MethodSpec, ratio: float | None, seed: int, *, device: str, progress: bool
-) -> dict:
+def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: bool) -> dict:
     dim = suite.embedding_dim
     base = baseline_bytes(data.cardinalities, dim)
-    spec = dict(method.table)
-    if ratio is not None:
-        spec["budget_bytes"] = base / ratio
-    torch.manual_seed(seed)
+    spec = dict(run.method.table)
+    if run.ratio is not None:
+        spec["budget_bytes"] = base / run.ratio
+    torch.manual_seed(run.seed)
     table: CompressedEmbedding = build_table(spec, data.cardinalities, dim, field_names=data.field_names)
-    model = build_model(suite.model, table, data.num_dense)
-    cfg = TrainConfig(**{**suite.train, "seed": seed, "device": device, "progress": progress})
+    model = build_model(run.model.spec, table, data.num_dense)
+    dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in table.parameters())
+    cfg = TrainConfig(**{**suite.train, "seed": run.seed, "device": device, "progress": progress})
     result = train(model, data, cfg)
     report = table.memory_report()
     return {
-        "suite": suite.name, "method": method.name, "table": method.table, "target_ratio": ratio, "seed": seed,
-        "model": suite.model["type"], "embedding_dim": dim, "device": device,
+        **_run_fields(suite, run), "embedding_dim": dim, "device": device, "model_spec": run.model.spec,
+        "dense_parameters": dense_parameters,
         "bytes": report.total_bytes, "parameter_bytes": report.parameter_bytes, "buffer_bytes": report.buffer_bytes,
         "baseline_bytes": report.baseline_bytes, "ratio": report.ratio,
         "test_auc": result.test_auc, "test_logloss": result.test_logloss,
@@ -177,11 +203,16 @@ def run_one(
     }
 
 
-def run_key(suite: Suite, method: MethodSpec, ratio: float | None, seed: int) -> str:
+def _run_fields(suite: Suite, run: Run) -> dict:
+    return {"suite": suite.name, "model": run.model.name, "method": run.method.name, "table": run.method.table,
+            "target_ratio": run.ratio, "seed": run.seed}
+
+
+def run_key(suite: Suite, run: Run) -> str:
     """Hash of everything that determines one run's result, so a rerun can tell what is already done."""
     config = {
-        "data": suite.data, "embedding_dim": suite.embedding_dim, "model": suite.model, "train": suite.train,
-        "method": method.name, "table": method.table, "ratio": ratio, "seed": seed,
+        "data": suite.data, "embedding_dim": suite.embedding_dim, "model": run.model.spec, "train": suite.train,
+        "method": run.method.name, "table": run.method.table, "ratio": run.ratio, "seed": run.seed,
     }
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -228,26 +259,25 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     _drop_partial_tail(results_path)
     done = {r["run_key"]: r for r in (read_results(results_path) if results_path.exists() else [])
             if r.get("status") == "ok" and "run_key" in r}
-    runs = [(m, ratio, seed, run_key(suite, m, ratio, seed)) for m, ratio, seed in suite.runs()]
-    todo = [run for run in runs if run[3] not in done]
+    runs = [(run, run_key(suite, run)) for run in suite.runs()]
+    todo = [(run, key) for run, key in runs if key not in done]
     if len(todo) < len(runs) and progress:
         print(f"{len(runs) - len(todo)} of {len(runs)} runs already in {results_path}; running the other {len(todo)}")
     data = None
     meta = {"torch": torch.__version__, "python": platform.python_version(), "embcompress": __version__,
             "git_commit": _git_commit()}
-    for method, ratio, seed, key in tqdm(todo, desc=f"suite {suite.name}", disable=not progress):
+    for run, key in tqdm(todo, desc=f"suite {suite.name}", disable=not progress):
         if data is None:
             data = make_synthetic(SyntheticConfig(**(suite.data.get("synthetic") or {})))
         try:
-            record = run_one(suite, data, method, ratio, seed, device=device, progress=progress)
+            record = run_one(suite, data, run, device=device, progress=progress)
             record["status"] = "ok"
         except Exception as err:  # a failing run is recorded and the suite goes on
-            record = {"suite": suite.name, "method": method.name, "table": method.table, "target_ratio": ratio,
-                      "seed": seed, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+            record = {**_run_fields(suite, run), "status": "failed", "error": f"{type(err).__name__}: {err}"}
         record.update(meta, run_key=key, peak_rss_mb=_peak_rss_mb())
         _append_line(results_path, record)
         done[key] = record
-    return [done[key] for *_, key in runs if key in done]
+    return [done[key] for _, key in runs if key in done]
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
@@ -267,52 +297,62 @@ def read_results(path: str | os.PathLike) -> list[dict]:
 
 
 def _group(records: list[dict]) -> list[dict]:
-    """Mean and std over seeds of each (method, target ratio)."""
+    """Mean and std over seeds of each (model, method, target ratio)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") == "ok":
-            groups.setdefault((r["method"], r["target_ratio"]), []).append(r)
+            groups.setdefault((r.get("model", ""), r["method"], r["target_ratio"]), []).append(r)
+    several_models = len({key[0] for key in groups}) > 1
     rows = []
-    for (method, target), rs in groups.items():
+    for (model, method, target), rs in groups.items():
         auc = np.array([r["test_auc"] for r in rs])
+        mean = lambda key: float(np.mean([r.get(key, math.nan) for r in rs]))  # noqa: E731
         rows.append({
-            "method": method, "target_ratio": target, "seeds": len(rs), "bytes": int(np.mean([r["bytes"] for r in rs])),
-            "ratio": float(np.mean([r["ratio"] for r in rs])), "auc": float(auc.mean()),
-            "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
-            "logloss": float(np.mean([r["test_logloss"] for r in rs])),
-            "samples_per_second": float(np.mean([r["samples_per_second"] for r in rs])),
-            "best_epoch": float(np.mean([r["best_epoch"] for r in rs])),
+            "model": model, "method": method, "label": f"{model} / {method}" if several_models else method,
+            "target_ratio": target, "seeds": len(rs), "bytes": int(mean("bytes")), "ratio": mean("ratio"),
+            "auc": float(auc.mean()), "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
+            "logloss": mean("test_logloss"), "samples_per_second": mean("samples_per_second"),
+            "best_epoch": mean("best_epoch"), "dense_parameters": mean("dense_parameters"),
         })
-    return sorted(rows, key=lambda g: (-g["bytes"], g["method"]))
+    return sorted(rows, key=lambda g: (g["model"], -g["bytes"], g["method"]))
 
 
-def _full_auc(rows: list[dict]) -> float | None:
-    full = [g["auc"] for g in rows if g["ratio"] <= 1.001 and g["target_ratio"] is None]
+def _full_auc(rows: list[dict], model: str) -> float | None:
+    full = [g["auc"] for g in rows if g["model"] == model and g["ratio"] <= 1.001 and g["target_ratio"] is None]
     return max(full) if full else None
+
+
+def _bayes(records: list[dict]) -> float | None:
+    return next((r.get("bayes_auc") for r in records if r.get("bayes_auc") is not None), None)
 
 
 def format_table(records: list[dict]) -> str:
     """Markdown table of the runs (mean +- std over seeds), with the Bayes AUC as the ceiling."""
     rows = _group(records)
-    full = _full_auc(rows)
-    bayes = next((r.get("bayes_auc") for r in records if r.get("bayes_auc") is not None), None)
+    several_models = len({g["model"] for g in rows}) > 1
+    bayes = _bayes(records)
     lines = []
     if bayes is not None:
         lines.append(f"Bayes-optimal test AUC of the data (the ceiling): **{bayes:.4f}**\n")
-    lines.append("| method | target | bytes | ratio | test AUC | ΔAUC vs full | vs Bayes | logloss | train samples/s | seeds |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    model_head = "| model | dense params " if several_models else ""
+    lines.append(f"{model_head}| method | target | bytes | ratio | test AUC | ΔAUC vs full | vs Bayes | logloss "
+                 "| train samples/s | seeds |")
+    lines.append("|---" * (10 + 2 * several_models) + "|")
     for g in rows:
+        full = _full_auc(rows, g["model"])
         target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
         auc = f"{g['auc']:.4f}" + (f" ± {g['auc_std']:.4f}" if g["seeds"] > 1 else "")
         delta = f"{g['auc'] - full:+.4f}" if full is not None else "n/a"
         gap = f"{g['auc'] - bayes:+.4f}" if bayes is not None else "n/a"
+        model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
         lines.append(
-            f"| {g['method']} | {target} | {g['bytes']:,} | {g['ratio']:.2f}x | {auc} | {delta} | {gap} | "
-            f"{g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} |"
+            f"{model_cells}| {g['method']} | {target} | {g['bytes']:,} | {g['ratio']:.2f}x | {auc} | {delta} | {gap} "
+            f"| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} |"
         )
-    failed = [r for r in records if r.get("status") != "ok"]
-    for r in failed:
-        lines.append(f"\nFAILED: {r['method']} at {r.get('target_ratio')}x seed {r['seed']}: {r.get('error')}")
+    for r in records:
+        if r.get("status") != "ok":
+            target = f"{r['target_ratio']:g}x" if r.get("target_ratio") else "no budget"
+            lines.append(f"\nFAILED: {r['method']} at {target}, seed {r['seed']} ({r.get('model')}): {r.get('error')}")
     return "\n".join(lines)
 
 
@@ -335,18 +375,19 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
 
     rows = _group(records)
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for method in dict.fromkeys(g["method"] for g in rows):
-        pts = sorted((g["bytes"], g["auc"], g["auc_std"]) for g in rows if g["method"] == method)
+    for label in dict.fromkeys(g["label"] for g in rows):
+        pts = sorted((g["bytes"], g["auc"], g["auc_std"]) for g in rows if g["label"] == label)
         xs, ys, es = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
     front = pareto_front([(g["bytes"], g["auc"]) for g in rows])
     if front:
         fx, fy = zip(*front)
         ax.step(fx, fy, where="post", color="black", alpha=0.35, linewidth=3, label="Pareto frontier", zorder=0)
-    full = _full_auc(rows)
+    models = {g["model"] for g in rows}
+    full = _full_auc(rows, next(iter(models))) if len(models) == 1 else None
     if full is not None:
         ax.axhline(full, color="gray", linestyle="--", linewidth=1, label=f"full table ({full:.4f})")
-    bayes = next((r.get("bayes_auc") for r in records if r.get("bayes_auc") is not None), None)
+    bayes = _bayes(records)
     if bayes is not None:
         ax.axhline(bayes, color="green", linestyle=":", linewidth=1.5, label=f"Bayes AUC ({bayes:.4f})")
     ax.set_xscale("log")

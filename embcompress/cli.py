@@ -45,7 +45,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("results") / suite.name)
     print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
     records = run_suite(suite, out, device=args.device, progress=not args.quiet)
-    print(_write_report(records, out, f"{suite.name}: {suite.model['type']}, D={suite.embedding_dim}"))
+    print(_write_report(records, out, f"{suite.name}: {', '.join(m.name for m in suite.models)}, D={suite.embedding_dim}"))
     print(f"results: {out / 'results.jsonl'}")
     return 0 if all(r.get("status") == "ok" for r in records) else 1
 

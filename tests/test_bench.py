@@ -189,3 +189,19 @@ def test_failed_run_is_recorded_and_the_suite_goes_on(tmp_path, capsys):
     assert [r["status"] for r in records] == ["failed", "ok"]
     assert "BudgetError" in records[0]["error"] and "minimum budget" in records[0]["error"]
     assert "FAILED: too-small" in capsys.readouterr().out
+
+
+def test_several_models_side_by_side(tmp_path, capsys):
+    suite = {**TINY, "models": [{"name": "lr", "type": "lr.v1"}, {"type": "fm.v1"}], "methods": TINY["methods"][:1]}
+    del suite["model"]
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(write(tmp_path, suite)), "--out", str(out), "--quiet"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| model | dense params |" in report
+    assert "| lr |" in report and "| fm.v1 |" in report
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in records} == {"lr", "fm.v1"}
+    assert all(r["dense_parameters"] > 0 for r in records)
+    both = {**suite, "model": TINY["model"]}
+    with pytest.raises(SpecError, match="either 'model'"):
+        load_suite(write(tmp_path, both))
