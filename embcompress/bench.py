@@ -296,6 +296,10 @@ def read_results(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def _mean(records: list[dict], key: str) -> float:
+    return float(np.mean([r.get(key, math.nan) for r in records]))
+
+
 def _group(records: list[dict]) -> list[dict]:
     """Mean and std over seeds of each (model, method, target ratio)."""
     groups: dict[tuple, list[dict]] = {}
@@ -306,13 +310,12 @@ def _group(records: list[dict]) -> list[dict]:
     rows = []
     for (model, method, target), rs in groups.items():
         auc = np.array([r["test_auc"] for r in rs])
-        mean = lambda key: float(np.mean([r.get(key, math.nan) for r in rs]))  # noqa: E731
         rows.append({
             "model": model, "method": method, "label": f"{model} / {method}" if several_models else method,
-            "target_ratio": target, "seeds": len(rs), "bytes": int(mean("bytes")), "ratio": mean("ratio"),
+            "target_ratio": target, "seeds": len(rs), "bytes": int(_mean(rs, "bytes")), "ratio": _mean(rs, "ratio"),
             "auc": float(auc.mean()), "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
-            "logloss": mean("test_logloss"), "samples_per_second": mean("samples_per_second"),
-            "best_epoch": mean("best_epoch"), "dense_parameters": mean("dense_parameters"),
+            "logloss": _mean(rs, "test_logloss"), "samples_per_second": _mean(rs, "samples_per_second"),
+            "best_epoch": _mean(rs, "best_epoch"), "dense_parameters": _mean(rs, "dense_parameters"),
         })
     return sorted(rows, key=lambda g: (g["model"], -g["bytes"], g["method"]))
 
