@@ -106,7 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_speed = bench.add_parser("speed", parents=[run_opts], help="training and inference speed of the tables")
     p_speed.add_argument("suite", nargs="?", help="speed suite YAML (default: benchmarks/speed.yaml)")
     p_speed.set_defaults(func=cmd_bench_speed)
+
+    p_data = sub.add_parser("data", help="prepare data sets: criteo")
+    data = p_data.add_subparsers(dest="data_command", required=True)
+    p_criteo = data.add_parser("criteo", help="Criteo TSV (plain or .gz) -> memory-mapped .npy arrays + manifest")
+    p_criteo.add_argument("inputs", nargs="+", metavar="INPUT", help="Criteo TSV file(s), read in this order")
+    p_criteo.add_argument("--out", required=True, help="output folder")
+    p_criteo.add_argument("--min-count", type=int, default=1, help="values seen fewer times share the reserved id")
+    p_criteo.add_argument("--split", choices=("dlrm", "random"), default="dlrm", help="dlrm (7 days) or random 8:1:1")
+    p_criteo.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    p_criteo.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
+    p_criteo.add_argument("--block-rows", type=int, default=500_000, help="about this many lines per block")
+    p_criteo.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_criteo.set_defaults(func=cmd_data_criteo)
     return parser
+
+
+def cmd_data_criteo(args: argparse.Namespace) -> int:
+    from .criteo import prepare_criteo
+
+    m = prepare_criteo(args.inputs, args.out, min_count=args.min_count, split=args.split, seed=args.seed,
+                       on_bad_line=args.on_bad_line, block_rows=args.block_rows, progress=not args.quiet)
+    print(f"{m['rows']:,} rows ({m['skipped']['total']:,} bad lines skipped) in {m['seconds']:.1f} s -> {args.out}")
+    print(f"splits: {m['splits']}\ncardinalities: {m['cardinalities']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
