@@ -31,7 +31,10 @@ from .registry import MODELS, TABLES, RegistryError, SpecError, _load_builtins, 
 from .synthetic import SyntheticConfig, make_synthetic
 from .training import TrainConfig, train
 
-__all__ = ["Suite", "MethodSpec", "load_suite", "default_suite_path", "run_suite", "format_table", "plot_results"]
+__all__ = [
+    "Suite", "MethodSpec", "load_suite", "default_suite_path", "run_suite", "read_results", "results_frame",
+    "format_table", "plot_results",
+]
 
 _SUITE_KEYS = ("name", "data", "embedding_dim", "model", "models", "train", "seeds", "methods")
 _METHOD_KEYS = ("name", "table", "compression")
@@ -294,6 +297,18 @@ def read_results(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
     return records
+
+
+def results_frame(results: str | os.PathLike | list[dict]):
+    """The runs of a results.jsonl (or its records) as a pandas DataFrame, one row per run, for notebooks.
+
+    >>> results_frame([{"method": "full", "test_auc": 0.8, "status": "ok"}])["test_auc"].tolist()
+    [0.8]
+    """
+    import pandas as pd
+
+    records = results if isinstance(results, list) else read_results(results)
+    return pd.DataFrame.from_records(records)
 
 
 def _mean(records: list[dict], key: str) -> float:

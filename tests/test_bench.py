@@ -96,6 +96,10 @@ def test_report_regenerates_the_table_from_jsonl(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert report.startswith("# again")
     assert f"| {record['test_auc']:.4f} |" in report and f"{record['bytes']:,}" in report
+    from embcompress.bench import results_frame
+
+    frame = results_frame(out / "results.jsonl")
+    assert frame.loc[0, "test_auc"] == record["test_auc"] and frame.loc[0, "bytes"] == record["bytes"]
 
 
 def test_bench_without_a_subcommand_runs_the_default_suite(monkeypatch, capsys):
