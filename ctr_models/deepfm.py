@@ -17,7 +17,15 @@ from embcompress.contract import CompressedEmbedding
 from embcompress.registry import MODELS
 
 from .layers import (
-    MLP, FMInteraction, check_collection, check_dropout, check_flag, check_num_dense, check_sizes, flat_input,
+    MLP,
+    FMInteraction,
+    check_collection,
+    check_dropout,
+    check_flag,
+    check_num_dense,
+    check_sizes,
+    flat_input,
+    fm_pair_scale,
 )
 
 
@@ -59,7 +67,7 @@ class DeepFM(nn.Module):
         self.num_dense = check_num_dense(num_dense)
         in_features = embeddings.num_fields * embeddings.embedding_dim + self.num_dense
         self.linear = nn.Linear(in_features, 1)
-        self.interaction = FMInteraction()
+        self.interaction = FMInteraction(fm_pair_scale(embeddings.num_fields))
         self.deep = MLP(in_features, [*deep_mlp, 1], final_relu=False, dropout=dropout, batch_norm=batch_norm)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,17 @@ from torch import nn
 from embcompress.contract import CompressedEmbedding
 from embcompress.registry import MODELS
 
-from .layers import FMInteraction, check_collection, check_num_dense, flat_input
+from .layers import FMInteraction, check_collection, check_num_dense, flat_input, fm_pair_scale
 
 
 @MODELS.register("fm.v1")
 class FactorizationMachine(nn.Module):
     """A factorization machine over any embedding table.
 
-    ``logit = b + w . [e_1, ..., e_F, dense] + sum_{i<j} <e_i, e_j>``, the pairwise sum computed as
-    ``0.5 * sum_d ((sum_f e_fd)^2 - sum_f e_fd^2)``.
+    ``logit = b + w . [e_1, ..., e_F, dense] + s * sum_{i<j} <e_i, e_j>``, the pairwise sum computed as
+    ``0.5 * sum_d ((sum_f e_fd)^2 - sum_f e_fd^2)``, with the constant ``s = 1 / sqrt(F (F - 1) / 2)``
+    (:func:`~embcompress.ctr_models.layers.fm_pair_scale`: it keeps the initial logit noise of full-scale
+    rows small; the embeddings absorb any constant).
 
     Shapes: ``dense FloatTensor[B, num_dense]``, ``sparse LongTensor[B, F]`` -> logits ``FloatTensor[B]``.
     Dense features enter through the linear (first-order) term only; the pairwise term is over the ``F``
@@ -41,7 +43,7 @@ class FactorizationMachine(nn.Module):
         self.embeddings = embeddings
         self.num_dense = check_num_dense(num_dense)
         self.linear = nn.Linear(embeddings.num_fields * embeddings.embedding_dim + self.num_dense, 1)
-        self.interaction = FMInteraction()
+        self.interaction = FMInteraction(fm_pair_scale(embeddings.num_fields))
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         vectors = self.embeddings(sparse)

@@ -254,3 +254,12 @@ def test_dense_shape_is_checked():
     assert flat_input(vectors, torch.randn(2, 5), 5).shape == (2, 17)
     with pytest.raises(ValueError, match=r"dense must have shape \[2, 5\]"):
         flat_input(vectors, torch.randn(2, 4), 5)
+
+
+def test_fm_pairwise_scale():
+    from embcompress.ctr_models.layers import FMInteraction, fm_pair_scale
+
+    assert fm_pair_scale(26) == pytest.approx(325**-0.5)
+    v = torch.randn(3, 4, 5)
+    by_hand = sum((v[:, i] * v[:, j]).sum(-1) for i in range(4) for j in range(i + 1, 4))
+    torch.testing.assert_close(FMInteraction(0.5)(v), 0.5 * by_hand)
