@@ -6,8 +6,10 @@ Pipeline (:func:`prepare_criteo`)
 ---------------------------------
 * The inputs (plain or ``.gz``, concatenated in the given order) are read in blocks of about ``block_rows``
   lines; each block is cut at a newline, parsed by ``pyarrow.csv.read_csv`` (tab delimiter, no quoting,
-  explicit column names, every column read as a string) and validated vectorised. Nothing but one block is
-  held in memory. Blocks are cut by us rather than by ``pyarrow.csv.open_csv`` because pyarrow's streaming
+  explicit column names, every column read as a string, several threads) and validated vectorised (dense
+  values and labels by byte checks on the string buffers, the exact regex only for a column that fails them;
+  categorical values decoded 8 bytes at a time as one 64-bit word). The next block is read and parsed in a
+  background thread while the current one is decoded. Nothing but two blocks is held in memory. Blocks are cut by us rather than by ``pyarrow.csv.open_csv`` because pyarrow's streaming
   reader does not report the line number of a row it rejects (``InvalidRow.number`` is ``None``), so a block
   whose parse is not clean (a rejected row, an empty line, a ``\\r``) is re-split in Python to find the exact
   1-based line numbers. The raw input bytes are hashed (sha256) while pass 1 reads them.
@@ -20,7 +22,11 @@ Pipeline (:func:`prepare_criteo`)
   the value ``""`` and gets an id like any other value. Values seen fewer than ``min_count`` times, and
   values unseen at preparation (:func:`encode_values`), map to the reserved id ``n_f - 1`` (the last id).
   The reserved id always exists, so ``n_f = (#values with count >= min_count) + 1``.
-* Pass 2 re-reads the inputs, encodes, and writes with ``numpy.lib.format.open_memmap``:
+* Pass 1 also spills each accepted block, decoded (categorical codes as uint32, dense already transformed,
+  labels), to a temporary folder next to ``out_dir`` (about 160 bytes a row, deleted at the end), so the text
+  is parsed once. Vocabulary lookups of fields with many values go through a bucket index of the sorted
+  values; per-field counting and lookups run in a small thread pool.
+* Pass 2 reads the spill back, encodes, and writes with ``numpy.lib.format.open_memmap``:
   ``labels.npy`` float32 ``[N]``, ``dense.npy`` float32 ``[N, 13]`` (``log(1 + max(x, 0))``, missing -> 0),
   ``sparse.npy`` ``[N, 26]`` in the smallest unsigned dtype holding every id of every field, and
   ``vocab/C1.npy .. C26.npy`` (int64 codes of the kept values in id order; ``-1`` = ``""``).
@@ -47,12 +53,20 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+try:  # pandas' khash tables (a dependency already): O(1) counting and lookups; numpy sort/search otherwise
+    from pandas._libs.hashtable import Int64HashTable as _Int64HashTable
+    from pandas._libs.hashtable import value_count as _value_count
+except Exception:  # pragma: no cover - other pandas versions
+    _Int64HashTable = _value_count = None
 
 __all__ = [
     "DENSE_FIELDS", "SPARSE_FIELDS", "COLUMNS", "prepare_criteo", "load_criteo", "encode_values",
@@ -70,6 +84,9 @@ _HEX = np.full(256, -1, dtype=np.int64)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
 _HEX8 = _HEX.astype(np.int8)
+_PA_BLOCK = 1 << 22  # pyarrow's parse block: a block of ours is parsed by several threads
+_THREADS = min(4, os.cpu_count() or 1)  # numpy releases the GIL in sort/searchsorted/ufuncs
+_U32_MAX = 0xFFFFFFFF
 _MISSING = -1  # integer code of the empty (missing) categorical value
 
 
@@ -140,8 +157,7 @@ def _parse_block(buf: bytes):
 
     table = csv.read_csv(
         pa.py_buffer(buf),
-        read_options=csv.ReadOptions(column_names=list(COLUMNS), block_size=max(1 << 20, len(buf) + 1),
-                                     use_threads=False),
+        read_options=csv.ReadOptions(column_names=list(COLUMNS), block_size=_PA_BLOCK, use_threads=True),
         parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
                                        ignore_empty_lines=False, invalid_row_handler=on_invalid),
         convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
@@ -151,11 +167,13 @@ def _parse_block(buf: bytes):
 
 
 class _Block:
-    """One validated block: accepted rows as string columns, their 1-based line numbers, and the bad lines."""
+    """One validated block: accepted rows decoded (labels, dense, codes), their 1-based line numbers, bad lines."""
 
-    def __init__(self, columns, lines: np.ndarray, bad: list[tuple[int, str, str]], codes: np.ndarray):
-        self.codes = codes  # int64 [n, 26] categorical codes ("" -> -1)
-        self.columns = columns  # list of 40 pyarrow string arrays (accepted rows only)
+    def __init__(self, labels: np.ndarray, dense: np.ndarray, codes: np.ndarray, lines: np.ndarray,
+                 bad: list[tuple[int, str, str]]):
+        self.labels = labels  # float32 [n] (0/1)
+        self.dense = dense  # float32 [n, 13]: log(1 + max(x, 0)), missing -> 0
+        self.codes = codes  # int64 [26, n] categorical codes ("" -> -1), field-major
         self.lines = lines
         self.bad = bad  # (line, reason, detail), sorted by line
 
@@ -163,22 +181,51 @@ class _Block:
         return len(self.lines)
 
 
+def _parsed_blocks(path: Path, block_bytes: int, digest) -> Iterator[tuple]:
+    """(raw block, its line count, its pyarrow table or None when the parse is not clean)."""
+    for buf in _raw_blocks(path, block_bytes, digest):
+        n_lines = buf.count(b"\n")
+        table = None
+        if b"\r" not in buf and b"\n\n" not in buf and not buf.startswith(b"\n"):
+            table, rejected = _parse_block(buf)
+            if rejected or table.num_rows != n_lines:
+                table = None
+        yield buf, n_lines, table
+
+
+def _prefetch(it: Iterator) -> Iterator:
+    """Items of ``it``, the next one produced in a background thread while the caller works on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="criteo-read") as ex:
+        fut = ex.submit(next, it, done)
+        try:
+            while True:
+                item = fut.result()
+                if item is done:
+                    return
+                fut = ex.submit(next, it, done)
+                yield item
+        finally:
+            fut.cancel()
+            try:
+                fut.result()
+            except BaseException:
+                pass
+            it.close() if hasattr(it, "close") else None
+
+
 def _blocks(path: Path, block_bytes: int, digest=None) -> Iterator[_Block]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
     first_line = 1
-    for buf in _raw_blocks(path, block_bytes, digest):
-        n_lines = buf.count(b"\n")
-        table = None
+    for buf, n_lines, table in _prefetch(_parsed_blocks(path, block_bytes, digest)):
         bad: list[tuple[int, str, str]] = []
-        if b"\r" not in buf and b"\n\n" not in buf and not buf.startswith(b"\n"):
-            table, rejected = _parse_block(buf)
-            if rejected or table.num_rows != n_lines:
-                table = None
-            else:
-                lines = np.arange(first_line, first_line + n_lines, dtype=np.int64)
-        if table is None:  # slow, exact path: find the lines with the wrong number of fields in Python
+        if table is not None:
+            lines = np.arange(first_line, first_line + n_lines, dtype=np.int64)
+        else:  # slow, exact path: find the lines with the wrong number of fields in Python
             good, good_lines = [], []
             for k, line in enumerate(buf[:-1].split(b"\n")):
                 n_fields = line.count(b"\t") + 1
@@ -196,20 +243,23 @@ def _blocks(path: Path, block_bytes: int, digest=None) -> Iterator[_Block]:
             else:
                 table = pa.table({c: pa.array([], pa.string()) for c in COLUMNS})
         first_line += n_lines
-        cols = [table.column(i).combine_chunks() if table.column(i).num_chunks != 1 else table.column(i).chunk(0)
-                for i in range(_N_COLS)]
+        cols = [table.column(i) for i in range(_N_COLS)]  # chunked (pyarrow parsed in several threads)
         # value checks, vectorised
         ok = np.ones(len(lines), dtype=bool)
         reasons: list[tuple[np.ndarray, str, int]] = []
-        label_ok = pc.or_(pc.equal(cols[0], "0"), pc.equal(cols[0], "1")).to_numpy(zero_copy_only=False)
-        reasons.append((~label_ok, "label", 0))
+        lab = _labels(cols[0])
+        if lab is None:
+            label_ok = pc.or_(pc.equal(cols[0], "0"), pc.equal(cols[0], "1")).to_numpy(zero_copy_only=False)
+            reasons.append((~label_ok, "label", 0))
         for j in range(1, 14):
-            m = pc.or_(pc.equal(pc.binary_length(cols[j]), 0), pc.match_substring_regex(cols[j], _DENSE_RE))
-            reasons.append((~m.to_numpy(zero_copy_only=False), "dense", j))
-        codes = np.empty((len(lines), len(SPARSE_FIELDS)), dtype=np.int64)
-        for j in range(14, _N_COLS):
-            codes[:, j - 14], valid = _hex_codes(cols[j])
-            reasons.append((~valid, "categorical", j))
+            if not all(_dense_clean(c) for c in cols[j].chunks):  # the exact (slow) check only when the fast one finds a problem
+                m = pc.or_(pc.equal(pc.binary_length(cols[j]), 0), pc.match_substring_regex(cols[j], _DENSE_RE))
+                reasons.append((~m.to_numpy(zero_copy_only=False), "dense", j))
+        codes = np.empty((len(SPARSE_FIELDS), len(lines)), dtype=np.int64)  # field-major
+        for j, (c, valid) in enumerate(_pool().map(_hex_chunked, cols[14:])):
+            codes[j] = c
+            if valid is not None:
+                reasons.append((~valid, "categorical", 14 + j))
         for mask, kind, j in reasons:
             if mask.any():
                 ok &= ~mask
@@ -221,17 +271,135 @@ def _blocks(path: Path, block_bytes: int, digest=None) -> Iterator[_Block]:
                     bad.append((int(lines[r]), kind, ""))
         if not ok.all():
             keep = pa.array(ok)
-            cols = [pc.filter(c, keep) for c in cols]
+            cols = [pc.filter(c, keep) if i < 14 else c for i, c in enumerate(cols)]
             lines = lines[ok]
-            codes = codes[ok]
+            codes = codes[:, ok]
+            lab = None
         # several reasons on one line: keep the first (lowest column) one
         seen: dict[int, tuple[int, str, str]] = {}
         for b in bad:
             seen.setdefault(b[0], b)
-        yield _Block(cols, lines, sorted(seen.values()), codes)
+        n = len(lines)
+        if lab is None:
+            lab = pc.equal(cols[0], "1").to_numpy(zero_copy_only=False).astype(np.float32)
+        den = np.zeros((n, len(DENSE_FIELDS)), dtype=np.float32)
+        for j in range(len(DENSE_FIELDS)):
+            col = cols[1 + j]
+            present = pc.greater(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
+            if present.all():
+                x = pc.cast(col, "int64").to_numpy()
+                den[:, j] = np.log1p(np.maximum(x, 0).astype(np.float64))
+            elif present.any():
+                x = pc.cast(pc.filter(col, present), "int64").to_numpy()
+                den[present, j] = np.log1p(np.maximum(x, 0).astype(np.float64))
+        yield _Block(lab, den, np.ascontiguousarray(codes), lines, sorted(seen.values()))
 
 
-def _hex_codes(arr) -> tuple[np.ndarray, np.ndarray]:
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(_THREADS, thread_name_prefix="criteo")
+    return _POOL
+
+
+def _str_buffers(arr) -> tuple[np.ndarray, np.ndarray]:
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def _dense_clean(arr) -> bool:
+    """True when every value of a string array matches ``^-?[0-9]{1,18}$`` or is empty (vectorised, exact)."""
+    if arr.null_count:
+        return False
+    offsets, data = _str_buffers(arr)
+    region = data[offsets[0]:offsets[-1]]
+    lengths = np.diff(offsets)
+    nondigit = len(region) - int(np.count_nonzero((region - np.uint8(48)) < 10))
+    if nondigit == 0:
+        return bool(len(lengths) == 0 or lengths.max() <= 18)
+    minus = np.flatnonzero(region == 45)
+    if len(minus) != nondigit:
+        return False
+    starts = offsets[:-1] - offsets[0]
+    at = np.searchsorted(starts, minus, side="right") - 1
+    if not (np.all(starts[at] == minus) and np.all(lengths[at] >= 2)):
+        return False
+    signed = np.zeros(len(lengths), dtype=bool)
+    signed[at] = True
+    return bool(np.all(lengths - signed <= 18))
+
+
+_M0F = np.uint64(0x0F0F0F0F0F0F0F0F)
+_M01 = np.uint64(0x0101010101010101)
+_M00FF = np.uint64(0x00FF00FF00FF00FF)
+_M0000FFFF = np.uint64(0x0000FFFF0000FFFF)
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _labels(col) -> np.ndarray | None:
+    """float32 labels when every value of the chunked string array is "0" or "1", else None."""
+    parts = []
+    for arr in col.chunks:
+        if arr.null_count:
+            return None
+        offsets, data = _str_buffers(arr)
+        if offsets[-1] - offsets[0] != len(arr):
+            return None
+        raw = data[offsets[0]:offsets[-1]]
+        if len(raw) and not (bool(np.all(np.diff(offsets) == 1)) and bool(np.all((raw - np.uint8(48)) < 2))):
+            return None
+        parts.append((raw - np.uint8(48)).astype(np.float32))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _hex_chunked(col) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_hex_codes` of a chunked array, chunk by chunk (no combine copy)."""
+    parts = [_hex_codes(c) for c in col.chunks]
+    if not parts:
+        return np.zeros(0, np.int64), None
+    if len(parts) == 1:
+        return parts[0]
+    codes = np.concatenate([p[0] for p in parts])
+    if all(p[1] is None for p in parts):
+        return codes, None
+    return codes, np.concatenate([np.ones(len(p[0]), bool) if p[1] is None else p[1] for p in parts])
+
+
+def _hex_codes(arr) -> tuple[np.ndarray, np.ndarray | None]:
+    """int64 codes of a string array of 8-hex-digit values ("" -> -1), and the mask of well-formed values
+    (``None`` when all are). Fast path (SWAR on 8-byte words) when every value is "" or 8 bytes long."""
+    n = len(arr)
+    offsets, data = _str_buffers(arr)
+    if arr.null_count == 0 and n and (offsets[-1] - offsets[0]) % 8 == 0:
+        lengths = np.diff(offsets)
+        is8 = lengths == 8
+        n8 = int(np.count_nonzero(is8))
+        if n8 * 8 == offsets[-1] - offsets[0] and n8 + int(np.count_nonzero(lengths == 0)) == n:
+            raw = data[offsets[0]:offsets[-1]]
+            ok = ((raw - np.uint8(48)) < 10) | ((raw - np.uint8(97)) < 6)
+            if n8 == 0 or bool(ok.all()):
+                w = raw.view("<u8") if raw.ctypes.data % 8 == 0 else raw.copy().view("<u8")
+                v = (w & _M0F) + np.uint64(9) * ((w >> np.uint64(6)) & _M01)
+                v = ((v & _M00FF) << np.uint64(4)) | ((v >> np.uint64(8)) & _M00FF)
+                v = ((v & _M0000FFFF) << np.uint64(8)) | ((v >> np.uint64(16)) & _M0000FFFF)
+                v = ((v & _M32) << np.uint64(16)) | (v >> np.uint64(32))
+                if n8 == n:
+                    return v.astype(np.int64), None
+                codes = np.full(n, _MISSING, dtype=np.int64)
+                codes[is8] = v.astype(np.int64)
+                return codes, None
+    codes, valid = _hex_codes_exact(arr)
+    return codes, (None if valid.all() else valid)
+
+
+def _hex_codes_exact(arr) -> tuple[np.ndarray, np.ndarray]:
     """int64 codes of a string array of 8-hex-digit values ("" -> -1), and the mask of well-formed values."""
     n = len(arr)
     bufs = arr.buffers()
@@ -261,6 +429,21 @@ def _code_strings(codes: np.ndarray) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- counting
+def _unique_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values of an int64 array and their counts (int64)."""
+    if _value_count is not None:
+        try:
+            res = _value_count(np.ascontiguousarray(codes, dtype=np.int64), False)
+            keys, counts = np.asarray(res[0]), np.asarray(res[1])
+            if keys.dtype == np.int64 and len(keys) == len(counts) and int(counts.sum()) == len(codes):
+                order = np.argsort(keys)
+                return keys[order], counts[order].astype(np.int64)
+        except Exception:  # pragma: no cover - a pandas whose private signature differs
+            pass
+    u, c = np.unique(codes, return_counts=True)
+    return u, c.astype(np.int64)
+
+
 class _Counter:
     """Counts int64 codes with sorted (unique, count) runs merged geometrically (amortised O(n log n))."""
 
@@ -273,8 +456,8 @@ class _Counter:
         return u, np.bincount(inv, weights=np.concatenate([a[1], b[1]])).astype(np.int64)
 
     def add(self, codes: np.ndarray) -> None:
-        u, c = np.unique(codes, return_counts=True)
-        self.runs.append((u, c.astype(np.int64)))
+        u, c = _unique_counts(codes)
+        self.runs.append((u, c))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
             b = self.runs.pop()
             self.runs.append(self._merge(self.runs.pop(), b))
@@ -397,23 +580,47 @@ def prepare_criteo(
             if len(skipped["first"]) < 10:
                 skipped["first"].append(f"{path.name}:{line}")
 
-    # pass 1: validate, count, hash
+    # pass 1: validate, decode, count, hash; the decoded rows are spilled to a temporary file for pass 2
     counters = [_Counter() for _ in SPARSE_FIELDS]
     n_rows, n_pos = 0, 0
-    for src, p in zip(sources, paths):
-        digest = hashlib.sha256()
-        n_file = 0
-        for block in _blocks(p, block_bytes, digest):
-            accept(block, p)
-            for f in range(len(SPARSE_FIELDS)):
-                counters[f].add(block.codes[:, f])
-            n_pos += int(np.count_nonzero(block.columns[0].to_numpy(zero_copy_only=False) == "1"))
-            n_file += len(block)
-            if progress:
-                print(f"pass 1 {p.name}: {n_rows + n_file:,} rows", flush=True)
-        src["sha256"] = digest.hexdigest()
-        src["rows"] = n_file
-        n_rows += n_file
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    spill_dir = tempfile.mkdtemp(prefix=".embcompress-criteo-", dir=out.resolve().parent)
+    try:
+        return _prepare(paths, out, sources, options, existing, skipped, accept, counters, spill_dir,
+                        block_bytes, min_count, split, seed, progress, t0)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _prepare(paths, out, sources, options, existing, skipped, accept, counters, spill_dir, block_bytes,
+             min_count, split, seed, progress, t0) -> dict:
+    n_rows, n_pos = 0, 0
+    spill_path = Path(spill_dir) / "rows.bin"
+    block_sizes: list[int] = []
+    with open(spill_path, "wb") as spill:
+        for src, p in zip(sources, paths):
+            digest = hashlib.sha256()
+            n_file = 0
+            for block in _blocks(p, block_bytes, digest):
+                accept(block, p)
+                if not len(block):
+                    continue
+                list(_pool().map(lambda f: counters[f].add(block.codes[f]), range(len(SPARSE_FIELDS))))
+                n_pos += int(np.count_nonzero(block.labels))
+                # codes as uint32 ("" -> 0xffffffff); a field holding the value "ffffffff" too is spilled as int64
+                wide = [f for f in range(len(SPARSE_FIELDS)) if (block.codes[f] == _U32_MAX).any()]
+                spill.write(block.codes.astype(np.uint32).data)
+                for f in wide:
+                    spill.write(block.codes[f].data)
+                spill.write(block.dense.data)
+                spill.write(block.labels.data)
+                block_sizes.append((len(block), wide))
+                n_file += len(block)
+                if progress:
+                    print(f"pass 1 {p.name}: {n_rows + n_file:,} rows", flush=True)
+            src["sha256"] = digest.hexdigest()
+            src["rows"] = n_file
+            n_rows += n_file
     if n_rows == 0:
         raise ValueError(f"no data rows in {', '.join(str(p) for p in paths)} (empty input"
                          + (f", {skipped['total']} bad lines skipped)" if skipped["total"] else ")"))
@@ -424,8 +631,7 @@ def prepare_criteo(
 
     # vocabularies
     vocabs, cards = [], []
-    for f in range(len(SPARSE_FIELDS)):
-        u, c = counters[f].result()
+    for f, (u, c) in enumerate(_pool().map(lambda cnt: cnt.result(), counters)):
         order = np.lexsort((u, -c))
         kept = order[c[order] >= min_count]
         vocabs.append(u[kept])
@@ -457,9 +663,13 @@ def prepare_criteo(
     # pass 2: encode and write
     from numpy.lib.format import open_memmap
 
-    labels = open_memmap(out / "labels.npy", mode="w+", dtype=np.float32, shape=(n_rows,))
-    dense = open_memmap(out / "dense.npy", mode="w+", dtype=np.float32, shape=(n_rows, len(DENSE_FIELDS)))
-    sparse = open_memmap(out / "sparse.npy", mode="w+", dtype=sparse_dtype, shape=(n_rows, len(SPARSE_FIELDS)))
+    # the outputs are created here and mapped again for each block (then unmapped), so the pages written stay
+    # in the page cache but not in this process's resident set: peak RSS does not grow with the file
+    out_files = [out / "labels.npy", out / "dense.npy", out / "sparse.npy"]
+    for path, dt, shape in zip(out_files, (np.float32, np.float32, sparse_dtype),
+                               ((n_rows,), (n_rows, len(DENSE_FIELDS)), (n_rows, len(SPARSE_FIELDS)))):
+        del_ = open_memmap(path, mode="w+", dtype=dt, shape=shape)
+        del del_
     dest = None
     if split == "random":
         dest = np.random.default_rng(seed).permutation(n_rows)  # input row k is written at dest[k]
@@ -472,46 +682,102 @@ def prepare_criteo(
     lookups = []
     for v in vocabs:
         by_value = np.argsort(v, kind="stable")
-        lookups.append((v[by_value], by_value.astype(sparse_dtype)))
-    import pyarrow.compute as pc
-
+        lookups.append((v[by_value], by_value.astype(sparse_dtype), _lookup_index(v[by_value])))
     row = 0
-    for p in paths:
-        for block in _blocks(p, block_bytes):
-            n = len(block)
-            if not n:
-                continue
-            lab = (block.columns[0].to_numpy(zero_copy_only=False) == "1").astype(np.float32)
-            den = np.zeros((n, len(DENSE_FIELDS)), dtype=np.float32)
-            for j in range(len(DENSE_FIELDS)):
-                col = block.columns[1 + j]
-                present = pc.greater(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
-                if present.any():
-                    x = pc.cast(pc.filter(col, present), "int64").to_numpy()
-                    den[present, j] = np.log1p(np.maximum(x, 0).astype(np.float64))
-            spa = np.empty((n, len(SPARSE_FIELDS)), dtype=sparse_dtype)
-            for f, (vals, ids) in enumerate(lookups):
-                spa[:, f] = _lookup(block.codes[:, f], vals, ids, cards[f] - 1)
+    with open(spill_path, "rb") as spill:
+        max_n = max(n for n, _ in block_sizes) if block_sizes else 0
+        buf32 = np.empty(max_n * len(SPARSE_FIELDS), np.uint32)
+        buf_den = np.empty(max_n * len(DENSE_FIELDS), np.float32)
+        buf_lab = np.empty(max_n, np.float32)
+        buf_spa = np.empty(max_n * len(SPARSE_FIELDS), sparse_dtype)
+
+        def read(arr: np.ndarray) -> np.ndarray:
+            if spill.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                raise ValueError("temporary file truncated between the two passes")
+            return arr
+
+        for n, wide in block_sizes:
+            codes32 = read(buf32[:n * len(SPARSE_FIELDS)]).reshape(-1, n)
+            exact = {f: read(np.empty(n, np.int64)) for f in wide}
+            den = read(buf_den[:n * len(DENSE_FIELDS)]).reshape(n, -1)
+            lab = read(buf_lab[:n])
+            spa = buf_spa[:n * len(SPARSE_FIELDS)].reshape(n, -1)
+
+            def encode(f):
+                vals, ids, index = lookups[f]
+                if f in exact:
+                    codes = exact[f]
+                else:
+                    codes = codes32[f].astype(np.int64)
+                    codes[codes == _U32_MAX] = _MISSING
+                spa[:, f] = _lookup(codes, vals, ids, cards[f] - 1, index)
+
+            list(_pool().map(encode, range(len(SPARSE_FIELDS))))
+            labels, dense, sparse = (np.load(path, mmap_mode="r+") for path in out_files)
             if dest is None:
                 labels[row:row + n], dense[row:row + n], sparse[row:row + n] = lab, den, spa
             else:
                 at = dest[row:row + n]
                 labels[at], dense[at], sparse[at] = lab, den, spa
+            del labels, dense, sparse
             row += n
             if progress:
                 print(f"pass 2: {row:,}/{n_rows:,} rows", flush=True)
     if row != n_rows:
         raise ValueError(f"inputs changed between the two passes ({n_rows} then {row} rows)")
-    for arr in (labels, dense, sparse):
-        arr.flush()
-    del labels, dense, sparse
+    for path in out_files:  # what flushing the memory maps did: the data on disk before complete: true
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     _write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
-def _lookup(codes: np.ndarray, vals: np.ndarray, ids: np.ndarray, reserved: int) -> np.ndarray:
+_BUCKET_MIN = 1 << 18  # vocabularies at least this large are searched through a bucket index
+
+
+def _bucket_index(vals: np.ndarray):
+    """(shift, starts, steps) for :func:`_lookup`: ``vals[starts[b]:starts[b + 1]]`` are the values whose
+    ``(value + 1) >> shift`` is ``b``, and ``steps`` bisections resolve the largest bucket. None if small."""
+    if len(vals) < _BUCKET_MIN:
+        return None
+    shift = max(0, 33 - int(np.log2(len(vals))))
+    edges = np.arange(((1 << 33) >> shift) + 2, dtype=np.int64) << shift
+    starts = np.searchsorted(vals + 1, edges, side="left")
+    width = int(np.diff(starts).max())
+    return shift, starts, max(1, int(np.ceil(np.log2(width + 1))))
+
+
+def _lookup_index(vals: np.ndarray):
+    """What :func:`_lookup` searches ``vals`` (sorted) with: a khash table for a small vocabulary (fast and
+    small), a bucket index for a large one (a hash table of millions of values would cost ~32 bytes each)."""
+    if len(vals) < _BUCKET_MIN:
+        if _Int64HashTable is None or not len(vals):
+            return None
+        table = _Int64HashTable(len(vals))
+        table.map_locations(np.ascontiguousarray(vals, dtype=np.int64))
+        return table
+    return _bucket_index(vals)
+
+
+def _lookup(codes: np.ndarray, vals: np.ndarray, ids: np.ndarray, reserved: int, index=None) -> np.ndarray:
+    if index is not None and not isinstance(index, tuple) and len(codes):
+        pos = np.asarray(index.lookup(np.ascontiguousarray(codes, dtype=np.int64)))
+        return np.where(pos >= 0, ids[pos], reserved)
+    if index is not None and len(codes):
+        shift, starts, steps = index
+        b = (codes + 1) >> shift
+        lo, hi = starts[b], starts[b + 1]
+        last = len(vals) - 1
+        for _ in range(steps):
+            active = lo < hi
+            mid = (lo + hi) >> 1
+            go = vals[np.minimum(mid, last)] < codes
+            lo = np.where(active & go, mid + 1, lo)
+            hi = np.where(active & ~go, mid, hi)
+        pos = np.minimum(lo, last)
+        return np.where(vals[pos] == codes, ids[pos], reserved)
     if len(vals) == 0:
         return np.full(len(codes), reserved, dtype=ids.dtype if len(ids) else np.int64)
     pos = np.minimum(np.searchsorted(vals, codes), len(vals) - 1)
@@ -547,7 +813,7 @@ def encode_values(out_dir: str | os.PathLike, field: str | int, values: Iterable
     m = _complete_manifest(out_dir)
     f = field if isinstance(field, int) else SPARSE_FIELDS.index(field)
     arr = pa.array(list(values), pa.string())
-    codes, valid = _hex_codes(arr)
+    codes, valid = _hex_codes_exact(arr)
     if not valid.all():
         bad = arr[int(np.flatnonzero(~valid)[0])].as_py()
         raise ValueError(f"malformed categorical value {bad!r} (expected 8 lowercase hex digits or '')")

@@ -231,3 +231,19 @@ def test_incomplete_manifest_is_rejected(tmp_path):
     path.write_text(json.dumps(m))
     with pytest.raises(ValueError, match="incomplete"):
         load_criteo(tmp_path / "o")
+
+
+@needs_sample
+def test_numpy_fallback_gives_identical_arrays(tmp_path, sample_dir, monkeypatch):
+    """Without pandas' private hash tables (another pandas version) the numpy path must give the same output."""
+    import embcompress.criteo as criteo
+
+    monkeypatch.setattr(criteo, "_Int64HashTable", None)
+    monkeypatch.setattr(criteo, "_value_count", None)
+    out = tmp_path / "fallback"
+    prepare_criteo([SAMPLE], out, min_count=2)
+    ref = tmp_path / "ref"
+    monkeypatch.undo()
+    prepare_criteo([SAMPLE], ref, min_count=2)
+    for name in ("labels.npy", "dense.npy", "sparse.npy"):
+        assert np.array_equal(np.load(out / name), np.load(ref / name)), name
