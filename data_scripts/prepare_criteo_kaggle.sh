@@ -9,10 +9,11 @@
 # Writes labels.npy, dense.npy, sparse.npy, vocab/C*.npy and manifest.json with the DLRM split
 # (7 equal "days" in file order; days 0-5 train, day 6 halved into test then val).
 #
-# Runtime: measured on a generated 1,000,000-row file in the Criteo layout (252 MB) on the 2-core dev machine:
-# 15 s in prepare_criteo (16 s wall), i.e. ~67k rows/s, peak RSS 1.4 GB. Extrapolated to Kaggle's 45,840,617
-# rows (11 GB): about 12-15 minutes (NOT measured on the real file; its vocabularies are larger, ~34M values). Disk: ~8.5 GB of arrays
-# (dense 2.4 GB, sparse uint32 4.8 GB, labels 0.2 GB) plus vocabularies (~270 MB).
+# Runtime: measured on a generated 5,000,000-row Kaggle-profile file (1.2 GB) on the 2-core dev machine:
+# ~309k rows/s end to end, peak RSS 1.5 GB (benchmarks/results/criteo_pipeline.md). Extrapolated to Kaggle's
+# 45,840,617 rows (11 GB): about 3 minutes, NOT measured on the real file (its vocabularies are larger, ~34M
+# values, so counting takes more memory). Disk: ~7.5 GB of arrays (dense 2.4 GB, sparse uint32 4.8 GB, labels
+# 0.2 GB) plus vocabularies (~270 MB), and ~7.5 GB of temporary decoded blocks during the run.
 set -euo pipefail
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -52,5 +53,5 @@ if command -v embcompress >/dev/null 2>&1; then
 else
     EMB=("${PYTHON:-python}" -m embcompress.cli)
 fi
-echo "preparing $TRAIN -> $OUT (expected ~12-15 min on 2 cores, extrapolated)"
+echo "preparing $TRAIN -> $OUT (expected ~3 min on 2 cores, extrapolated)"
 time "${EMB[@]}" data criteo "$TRAIN" --out "$OUT" --split dlrm "$@"

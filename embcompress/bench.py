@@ -99,6 +99,42 @@ def _lookup(registry, name, where: str):
         raise SpecError(f"{where}: {err}") from None
 
 
+def _check_data(data, where: str) -> dict[str, Any]:
+    """``{"synthetic": {...SyntheticConfig}}`` or ``{"criteo": {"path": prepared folder}}``, checked up front."""
+    if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in ("synthetic", "criteo"):
+        raise SpecError(f"{where}: data must be {{synthetic: {{...}}}} or {{criteo: {{path: FOLDER}}}}, got {data!r}")
+    if "synthetic" in data:
+        try:
+            SyntheticConfig(**(data["synthetic"] or {}))
+        except TypeError as err:
+            raise SpecError(f"{where}: data.synthetic: {err}") from None
+        return {"synthetic": dict(data["synthetic"] or {})}
+    criteo = data["criteo"]
+    if not isinstance(criteo, dict) or set(criteo) != {"path"}:
+        raise SpecError(f"{where}: data.criteo must be {{path: FOLDER}} (a folder written by "
+                        f"`embcompress data criteo`), got {criteo!r}")
+    from .criteo import read_manifest
+
+    folder = Path(criteo["path"]).expanduser()
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError) as err:
+        raise SpecError(f"{where}: data.criteo.path {str(folder)!r}: {err}") from None
+    if not manifest.get("complete"):
+        raise SpecError(f"{where}: data.criteo.path {str(folder)!r} holds an unfinished data set (no complete "
+                        "manifest); rerun `embcompress data criteo`")
+    return {"criteo": {"path": str(folder)}}
+
+
+def load_data(suite: "Suite") -> CTRData:
+    """The suite's data set: generated, or a prepared Criteo folder (memory-mapped)."""
+    if "criteo" in suite.data:
+        from .criteo import load_criteo
+
+        return load_criteo(suite.data["criteo"]["path"])
+    return make_synthetic(SyntheticConfig(**suite.data["synthetic"]))
+
+
 def load_suite(path: str | os.PathLike) -> Suite:
     """Read and validate a suite; every error names the file and the bad entry, before anything trains."""
     path = Path(path)
@@ -113,12 +149,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
         raise SpecError(f"{where}: missing key 'methods'")
     if ("model" in raw) == ("models" in raw):
         raise SpecError(f"{where}: give either 'model' (one mapping) or 'models' (a list), not both or neither")
-    data = dict(raw.get("data") or {"synthetic": {}})
-    _unknown(data, ("synthetic",), f"{where}: data")
-    try:
-        SyntheticConfig(**(data.get("synthetic") or {}))
-    except TypeError as err:
-        raise SpecError(f"{where}: data.synthetic: {err}") from None
+    data = _check_data(raw.get("data") or {"synthetic": {}}, where)
     dim = raw.get("embedding_dim", 16)
     if not isinstance(dim, int) or dim < 1:
         raise SpecError(f"{where}: embedding_dim must be a positive int, got {dim!r}")
@@ -271,7 +302,7 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
             "git_commit": _git_commit()}
     for run, key in tqdm(todo, desc=f"suite {suite.name}", disable=not progress):
         if data is None:
-            data = make_synthetic(SyntheticConfig(**(suite.data.get("synthetic") or {})))
+            data = load_data(suite)
         try:
             record = run_one(suite, data, run, device=device, progress=progress)
             record["status"] = "ok"
@@ -353,18 +384,19 @@ def format_table(records: list[dict]) -> str:
     if bayes is not None:
         lines.append(f"Bayes-optimal test AUC of the data (the ceiling): **{bayes:.4f}**\n")
     model_head = "| model | dense params " if several_models else ""
-    lines.append(f"{model_head}| method | target | bytes | ratio | test AUC | ΔAUC vs full | vs Bayes | logloss "
+    bayes_head = "| vs Bayes " if bayes is not None else ""
+    lines.append(f"{model_head}| method | target | bytes | ratio | test AUC | ΔAUC vs full {bayes_head}| logloss "
                  "| train samples/s | seeds |")
-    lines.append("|---" * (10 + 2 * several_models) + "|")
+    lines.append("|---" * (9 + (bayes is not None) + 2 * several_models) + "|")
     for g in rows:
         full = _full_auc(rows, g["model"])
         target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
         auc = f"{g['auc']:.4f}" + (f" ± {g['auc_std']:.4f}" if g["seeds"] > 1 else "")
         delta = f"{g['auc'] - full:+.4f}" if full is not None else "n/a"
-        gap = f"{g['auc'] - bayes:+.4f}" if bayes is not None else "n/a"
+        gap = f"| {g['auc'] - bayes:+.4f} " if bayes is not None else ""
         model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
         lines.append(
-            f"{model_cells}| {g['method']} | {target} | {g['bytes']:,} | {g['ratio']:.2f}x | {auc} | {delta} | {gap} "
+            f"{model_cells}| {g['method']} | {target} | {g['bytes']:,} | {g['ratio']:.2f}x | {auc} | {delta} {gap}"
             f"| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} |"
         )
     for r in records:

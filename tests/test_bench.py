@@ -209,3 +209,38 @@ def test_several_models_side_by_side(tmp_path, capsys):
     both = {**suite, "model": TINY["model"]}
     with pytest.raises(SpecError, match="either 'model'"):
         load_suite(write(tmp_path, both))
+
+
+SAMPLE = default_suite_path().parents[2] / "shared" / "data" / "criteo_sample_200.tsv"
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"shared fixture {SAMPLE} is absent")
+def test_suite_on_a_prepared_criteo_folder(tmp_path, capsys):
+    from embcompress.criteo import prepare_criteo
+
+    prepared = tmp_path / "criteo"
+    prepare_criteo([SAMPLE], prepared, split="random", seed=1)
+    suite = {**TINY, "data": {"criteo": {"path": str(prepared)}}, "train": {**TINY["train"], "batch_size": 64}}
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(write(tmp_path, suite)), "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok"] * 3
+    assert records[0]["bayes_auc"] is None and records[0]["baseline_bytes"] > 0
+    assert "Bayes" not in capsys.readouterr().out
+
+
+def test_missing_criteo_folder_fails_before_training(tmp_path):
+    suite = {**TINY, "data": {"criteo": {"path": str(tmp_path / "nowhere")}}}
+    with pytest.raises(SpecError, match="nowhere.*embcompress data criteo"):
+        load_suite(write(tmp_path, suite))
+    with pytest.raises(SpecError, match="data must be"):
+        load_suite(write(tmp_path, {**TINY, "data": {"criteo": {"path": "x"}, "synthetic": {}}}))
+
+
+def test_committed_criteo_suite_is_well_formed_apart_from_its_data(tmp_path):
+    """criteo_kaggle.yaml needs the user's prepared folder; everything else in it must validate here."""
+    raw = yaml.safe_load((default_suite_path().parent / "criteo_kaggle.yaml").read_text())
+    with pytest.raises(SpecError, match="kaggle_dlrm"):
+        load_suite(default_suite_path().parent / "criteo_kaggle.yaml")
+    suite = load_suite(write(tmp_path, {**raw, "data": {"synthetic": {"rows": 100}}}))
+    assert {m.name for m in suite.models} == {"dlrm", "dcn"} and suite.seeds == (0, 1, 2)
