@@ -300,7 +300,7 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     data = None
     meta = {"torch": torch.__version__, "python": platform.python_version(), "embcompress": __version__,
             "git_commit": _git_commit()}
-    for run, key in tqdm(todo, desc=f"suite {suite.name}", disable=not progress):
+    for run, key in tqdm(todo, desc=f"suite {suite.name}", disable=None if progress else True):
         if data is None:
             data = load_data(suite)
         try:

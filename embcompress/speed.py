@@ -196,7 +196,7 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
             entries.append((TORCHREC_NAME, {"type": "torchrec"}, None))
         except ImportError:
             pass
-    for name, spec, ratio in tqdm(entries, desc=f"speed {suite.name}", disable=not progress):
+    for name, spec, ratio in tqdm(entries, desc=f"speed {suite.name}", disable=None if progress else True):
         torch.manual_seed(0)
         try:
             if spec.get("type") == "torchrec":

@@ -144,7 +144,7 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
             iterate_batches(train_split, cfg.batch_size, shuffle=True, generator=gen),
             total=math.ceil(len(train_split) / cfg.batch_size),
             desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=None if cfg.progress else True,  # None: no bars when not a terminal
             leave=False,
         )
         running = 0.0
