@@ -176,11 +176,21 @@ def test_raw_ids_near_2_pow_31_and_above(table_name):
     try:
         table = cls.from_budget(2**40, DIM, budget_bytes=2**16)
     except BudgetError:
-        pytest.skip(f"{table_name} stores every id; its exactness above 2**24 is tested on full.v1 below")
+        pytest.skip(f"{table_name} needs ids below its cardinality: see test_ids_above_2_pow_24_stay_distinct")
     ids = torch.tensor([2**24 + 1, 2**24 + 2, 2**31 - 2, 2**31 - 1, 2**53 + 1, 2**62])
     out = table(ids)
     assert out.shape == (6, DIM)
     assert torch.equal(out[3], table(torch.tensor([2**31 - 1]))[0])
+
+
+def test_ids_above_2_pow_24_stay_distinct(table_name):
+    """Float arithmetic on ids (DLRM's QR bug) merges neighbours above 2**24; integer arithmetic keeps them apart."""
+    table = make_table(table_name, cards=[5, 2**24 + 8], dim=4, ratio=2)
+    ids = torch.tensor([[0, 2**24 + 1], [0, 2**24 + 2], [0, 2**24 + 3], [0, 2**24 + 7]])
+    again = table(ids.flip(0)).flip(0)[:, 1]
+    out = table(ids)[:, 1]
+    assert torch.equal(out, again)
+    assert len({tuple(v) for v in out.tolist()}) == 4, f"{table_name} merged ids above 2**24"
 
 
 def test_full_table_rows_above_2_pow_24_are_exact():
