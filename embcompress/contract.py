@@ -215,6 +215,15 @@ class CompressedEmbedding(nn.Module):
         """Parameters whose gradients are sparse tensors (they need SparseAdam or Adagrad); none by default."""
         return []
 
+    def sgd_parameter_groups(self) -> list[dict]:
+        """Optimizer groups (``{"params": [...], "lr": float}``) the training loop updates with plain SGD at their
+        own learning rate instead of the model's optimizer; none by default."""
+        return []
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """A term the training loop adds to the loss (a scalar tensor), or None; none by default."""
+        return None
+
     # ------------------------------------------------------------------------------------- memory & budget
     def memory_report(self) -> MemoryReport:
         """Exact bytes of every parameter and buffer, against the fp32 baseline ``sum(n_f) * D * 4``."""

@@ -80,9 +80,11 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimize
     """Dense layers, table parameters with dense gradients, and sparse-gradient table parameters, each with
     their learning rate and weight decay; sparse ones under an optimizer that takes sparse gradients."""
     tables = [m for m in model.modules() if isinstance(m, CompressedEmbedding)]
-    sparse = [p for t in tables for p in t.sparse_parameters() if p.requires_grad]
+    sgd_groups = [g for t in tables for g in t.sgd_parameter_groups()]
+    own_ids = {id(p) for g in sgd_groups for p in g["params"]}
+    sparse = [p for t in tables for p in t.sparse_parameters() if p.requires_grad and id(p) not in own_ids]
     table_params = {id(p) for t in tables for p in t.parameters()}
-    sparse_ids = {id(p) for p in sparse}
+    sparse_ids = {id(p) for p in sparse} | own_ids
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
     table_dense = [p for t in tables for p in t.parameters() if p.requires_grad and id(p) not in sparse_ids]
     emb_lr = cfg.embedding_lr or cfg.lr
@@ -96,15 +98,24 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimize
         {"params": table_dense, "lr": emb_lr, "weight_decay": cfg.embedding_weight_decay},
     ]
     groups = [g for g in groups if g["params"]]
+    # Parameters a table asks to update with plain SGD at their own rate (OptEmbed's thresholds).
+    own = [torch.optim.SGD(sgd_groups)] if sgd_groups else []
     if cfg.optimizer == "adam":
         opts: list[torch.optim.Optimizer] = [torch.optim.Adam(groups)] if groups else []
         if sparse:
             opts.append(torch.optim.SparseAdam(sparse, lr=emb_lr))
-        return opts
+        return opts + own
     if sparse:  # Adagrad and plain SGD take sparse gradients themselves
         groups.append({"params": sparse, "lr": emb_lr, "weight_decay": 0.0})
     optimizer = torch.optim.Adagrad if cfg.optimizer == "adagrad" else torch.optim.SGD
-    return [optimizer(groups)] if groups else []
+    return ([optimizer(groups)] if groups else []) + own
+
+
+def _regularization(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the tables' own loss terms (OptEmbed's threshold regulariser); None when no table has one."""
+    terms = [t.regularization_loss() for t in model.modules() if isinstance(t, CompressedEmbedding)]
+    terms = [t for t in terms if t is not None]
+    return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
 
 
 @torch.no_grad()
@@ -132,6 +143,7 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
     model.to(cfg.device)
     opts = _optimizers(model, cfg)
     loss_fn = nn.BCEWithLogitsLoss()
+    has_regularizer = _regularization(model) is not None
     gen = torch.Generator().manual_seed(cfg.seed)
     train_split, val_split = data.split("train"), data.split("val")
     best_auc, best_epoch, best_state, bad_epochs = -math.inf, 0, None, 0
@@ -152,9 +164,10 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
         for batch in batches:
             batch = batch.to(cfg.device)
             loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
+            objective = loss + _regularization(model) if has_regularizer else loss
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             for opt in opts:
                 opt.step()
             running += loss.item() * len(batch)
