@@ -22,9 +22,25 @@ Pipeline (:func:`prepare_criteo`)
   the value ``""`` and gets an id like any other value. Values seen fewer than ``min_count`` times, and
   values unseen at preparation (:func:`encode_values`), map to the reserved id ``n_f - 1`` (the last id).
   The reserved id always exists, so ``n_f = (#values with count >= min_count) + 1``.
+* Optional cap ``max_rows_per_field=N`` (``--max-rows-per-field``; the MLPerf 1TB setup caps tables at 40M
+  rows): of the values kept by ``min_count``, only the ``N - 1`` first in id order (the most frequent, ties by
+  value string) keep an id; the rest join the reserved id, so ``n_f <= N``. (The facebookresearch/dlrm
+  reference instead folds raw ids modulo ``--max-ind-range``, which mixes frequent and rare values; the cap
+  keeps frequency ranking intact.)
+* Optional dense bucketization ``dense_buckets=True`` (``--dense-buckets``): 13 extra categorical fields
+  ``I1_bucket .. I13_bucket`` after ``C26`` (``sparse.npy`` is then ``[N, 39]``; the manifest's
+  ``schema.sparse``, ``cardinalities`` and :func:`load_criteo`'s ``field_names`` list them). The bucket code of
+  an integer dense value ``x`` is ``floor(ln(x) ** 2)`` (float64) for ``x >= 1`` (so 1 and 2 share bucket 0,
+  3 -> 1, 8 -> 4, 100 -> 21), ``-2`` for every ``x < 1`` (0 and negatives: one bucket, as
+  ``log(1 + max(x, 0))`` treats them alike), and ``-1`` for a missing value: codes, like hex values, get ids
+  by descending frequency with ``min_count``, the cap and the reserved id applied the same way;
+  ``vocab/I<k>_bucket.npy`` holds the codes in id order. ``dense.npy`` is unchanged.
 * Pass 1 also spills each accepted block, decoded (categorical codes as uint32, dense already transformed,
-  labels), to a temporary folder next to ``out_dir`` (about 160 bytes a row, deleted at the end), so the text
-  is parsed once. Vocabulary lookups of fields with many values go through a bucket index of the sorted
+  labels, bucket codes as int16), to the temporary folder ``.<out name>.embcompress-spill`` next to
+  ``out_dir`` (about 160 bytes a row, deleted at the end), so the text is parsed once. A lock file beside it
+  (``.<out name>.embcompress-spill.lock``, ``flock``) is held while the run lasts: a folder left by a killed
+  run (nobody holds its lock) is removed by the next run of the same ``out_dir``, and a second run while one
+  is going is refused. Vocabulary lookups of fields with many values go through a bucket index of the sorted
   values; per-field counting and lookups run in a small thread pool.
 * Pass 2 reads the spill back, encodes, and writes with ``numpy.lib.format.open_memmap``:
   ``labels.npy`` float32 ``[N]``, ``dense.npy`` float32 ``[N, 13]`` (``log(1 + max(x, 0))``, missing -> 0),
@@ -38,6 +54,9 @@ remainder rows); days 0-5 train; day 6 halved by ``np.array_split``: first half 
 (as in facebookresearch/dlrm). ``random`` = seeded 8:1:1: a permutation from ``numpy.random.default_rng(seed)``
 decides the order in which rows are written, so the splits stay contiguous ranges (train, val, test);
 ``row_order.npy`` gives, for each written row, its 0-based index among the accepted input rows.
+``day`` = Criteo 1TB: exactly 24 inputs, ``day_0 .. day_23`` in day order (an error otherwise, also when the
+names are ``day_<k>`` out of order, as a shell glob sorts them); the rows of days 0-22 train, day 23 is
+halved like ``dlrm``'s last day (first half ``test``, second half ``val``).
 
 Bad lines (wrong number of fields, non-integer dense value, label not 0/1, categorical not 8 lowercase hex
 digits nor empty, a ``\\r`` in the line): ``on_bad_line="error"`` raises ``ValueError`` naming the file and
@@ -47,6 +66,7 @@ digits nor empty, a ``\\r`` in the line): ``on_bad_line="error"`` raises ``Value
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -54,13 +74,17 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock; a leftover temporary folder is still removed
+    fcntl = None
 
 try:  # pandas' khash tables (a dependency already): O(1) counting and lookups; numpy sort/search otherwise
     from pandas._libs.hashtable import Int64HashTable as _Int64HashTable
@@ -69,12 +93,13 @@ except Exception:  # pragma: no cover - other pandas versions
     _Int64HashTable = _value_count = None
 
 __all__ = [
-    "DENSE_FIELDS", "SPARSE_FIELDS", "COLUMNS", "prepare_criteo", "load_criteo", "encode_values",
-    "decode_ids", "load_vocab", "read_manifest",
+    "DENSE_FIELDS", "SPARSE_FIELDS", "BUCKET_FIELDS", "SPLITS", "COLUMNS", "prepare_criteo", "load_criteo",
+    "encode_values", "decode_ids", "load_vocab", "read_manifest",
 ]
 
 DENSE_FIELDS = tuple(f"I{i}" for i in range(1, 14))
 SPARSE_FIELDS = tuple(f"C{i}" for i in range(1, 27))
+BUCKET_FIELDS = tuple(f"{name}_bucket" for name in DENSE_FIELDS)  # with dense_buckets=True, after C26
 COLUMNS = ("label",) + DENSE_FIELDS + SPARSE_FIELDS
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -170,12 +195,13 @@ class _Block:
     """One validated block: accepted rows decoded (labels, dense, codes), their 1-based line numbers, bad lines."""
 
     def __init__(self, labels: np.ndarray, dense: np.ndarray, codes: np.ndarray, lines: np.ndarray,
-                 bad: list[tuple[int, str, str]]):
+                 bad: list[tuple[int, str, str]], buckets: np.ndarray | None = None):
         self.labels = labels  # float32 [n] (0/1)
         self.dense = dense  # float32 [n, 13]: log(1 + max(x, 0)), missing -> 0
         self.codes = codes  # int64 [26, n] categorical codes ("" -> -1), field-major
         self.lines = lines
         self.bad = bad  # (line, reason, detail), sorted by line
+        self.buckets = buckets  # int16 [13, n] dense bucket codes (see _dense_bucket_codes), or None
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -216,7 +242,7 @@ def _prefetch(it: Iterator) -> Iterator:
             it.close() if hasattr(it, "close") else None
 
 
-def _blocks(path: Path, block_bytes: int, digest=None) -> Iterator[_Block]:
+def _blocks(path: Path, block_bytes: int, digest=None, buckets: bool = False) -> Iterator[_Block]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -283,16 +309,36 @@ def _blocks(path: Path, block_bytes: int, digest=None) -> Iterator[_Block]:
         if lab is None:
             lab = pc.equal(cols[0], "1").to_numpy(zero_copy_only=False).astype(np.float32)
         den = np.zeros((n, len(DENSE_FIELDS)), dtype=np.float32)
+        bk = np.full((len(DENSE_FIELDS), n), _MISSING, dtype=np.int16) if buckets else None
         for j in range(len(DENSE_FIELDS)):
             col = cols[1 + j]
             present = pc.greater(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
             if present.all():
                 x = pc.cast(col, "int64").to_numpy()
                 den[:, j] = np.log1p(np.maximum(x, 0).astype(np.float64))
+                if bk is not None:
+                    bk[j] = _dense_bucket_codes(x)
             elif present.any():
                 x = pc.cast(pc.filter(col, present), "int64").to_numpy()
                 den[present, j] = np.log1p(np.maximum(x, 0).astype(np.float64))
-        yield _Block(lab, den, np.ascontiguousarray(codes), lines, sorted(seen.values()))
+                if bk is not None:
+                    bk[j, present] = _dense_bucket_codes(x)
+        yield _Block(lab, den, np.ascontiguousarray(codes), lines, sorted(seen.values()), bk)
+
+
+_BELOW_1 = -2  # bucket code of a dense value below 1 (0 and negatives); a missing value has the code -1
+
+
+def _dense_bucket_codes(x: np.ndarray) -> np.ndarray:
+    """Bucket codes of integer dense values: ``floor(ln(x) ** 2)`` (float64) for ``x >= 1``, -2 for ``x < 1``.
+
+    >>> _dense_bucket_codes(np.array([-3, 0, 1, 2, 3, 7, 8, 100])).tolist()
+    [-2, -2, 0, 0, 1, 3, 4, 21]
+    """
+    out = np.full(len(x), _BELOW_1, dtype=np.int16)
+    pos = x >= 1
+    out[pos] = np.floor(np.log(x[pos].astype(np.float64)) ** 2).astype(np.int16)  # <= 1717 for x < 10**18
+    return out
 
 
 _POOL = None
@@ -505,10 +551,14 @@ def _uint_dtype(max_id: int) -> np.dtype:
     raise ValueError(f"id {max_id} does not fit in 64 bits")
 
 
-def _splits(n: int, split: str) -> dict[str, tuple[int, int]]:
-    if split == "dlrm":
-        days = np.array_split(np.arange(n), 7)
-        lo6 = sum(len(d) for d in days[:6])
+def _splits(n: int, split: str, file_rows: Sequence[int] = ()) -> dict[str, tuple[int, int]]:
+    """Contiguous (start, stop) of each split; ``file_rows`` = accepted rows per input (``day`` split)."""
+    if split in ("dlrm", "day"):
+        if split == "dlrm":
+            days = np.array_split(np.arange(n), 7)
+            lo6 = sum(len(d) for d in days[:6])
+        else:  # Criteo 1TB: the last of the 24 day files is held out
+            lo6 = int(sum(file_rows[:-1]))
         test, val = np.array_split(np.arange(lo6, n), 2)
         return {"train": (0, lo6), "test": (lo6, lo6 + len(test)), "val": (lo6 + len(test), n)}
     n_train, n_val = int(n * 0.8), int(n * 0.1)
@@ -516,36 +566,82 @@ def _splits(n: int, split: str) -> dict[str, tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------------- prepare
+SPLITS = ("dlrm", "random", "day")
+DAYS_1TB = 24  # Criteo 1TB: day_0 .. day_23
+_DAY_NAME = re.compile(r"^day_(\d+)(\..*)?$")
+#: options of a data set prepared before the option existed (so such a folder can be rebuilt in place)
+_OPTION_DEFAULTS = {"max_rows_per_field": None, "dense_buckets": False}
+
+
+def _check_day_inputs(paths: Sequence[Path]) -> None:
+    if len(paths) != DAYS_1TB:
+        raise ValueError(f"split='day' needs the {DAYS_1TB} Criteo 1TB day files day_0 .. day_23 in day order "
+                         f"(days 0-22 train, day 23 halved into test and val); got {len(paths)} input(s)")
+    days = [_DAY_NAME.match(p.name) for p in paths]
+    if all(days) and [int(d.group(1)) for d in days] != list(range(DAYS_1TB)):
+        got = " ".join(p.name for p in paths)
+        raise ValueError(f"split='day' reads the inputs in the order given: they must be day_0 .. day_23 in day "
+                         f"order (a shell glob puts day_10 before day_2), got: {got}")
+
+
 def prepare_criteo(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
     min_count: int = 1,
+    max_rows_per_field: int | None = None,
+    dense_buckets: bool = False,
     split: str = "dlrm",
     seed: int = 0,
     on_bad_line: str = "error",
     block_rows: int = 500_000,
     progress: bool = False,
 ) -> dict:
-    """Preprocess Criteo TSV file(s) into ``out_dir``; returns the manifest (see the module docstring)."""
+    """Preprocess Criteo TSV file(s) into ``out_dir``; returns the manifest (see the module docstring).
+
+    ``max_rows_per_field=N`` caps every field's vocabulary at ``N`` ids: the ``N - 1`` most frequent values
+    (after ``min_count``) keep their own id, all others share the reserved id ``N - 1``. ``dense_buckets``
+    adds the 13 categorical fields ``I1_bucket .. I13_bucket`` (``floor(ln(x) ** 2)``, see the module
+    docstring). ``split`` is ``"dlrm"``, ``"random"`` or ``"day"`` (exactly the 24 Criteo 1TB day files).
+
+    >>> import tempfile, pathlib
+    >>> tmp = pathlib.Path(tempfile.mkdtemp())
+    >>> row = "\\t".join(["1", "7", "", "0"] + ["1"] * 10 + ["0000000a"] * 26)
+    >>> _ = (tmp / "t.tsv").write_text(row + "\\n")
+    >>> m = prepare_criteo(tmp / "t.tsv", tmp / "out", dense_buckets=True, max_rows_per_field=10)
+    >>> m["schema"]["sparse"][25:28], m["cardinalities"][:2]
+    (['C26', 'I1_bucket', 'I2_bucket'], [2, 2])
+    >>> [decode_ids(tmp / "out", f, [0]) for f in ("I1_bucket", "I2_bucket", "I3_bucket", "C1")]
+    [['3'], [''], ['<1'], ['0000000a']]
+    >>> import shutil; shutil.rmtree(tmp)
+    """
     t0 = time.perf_counter()
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     if not paths:
         raise ValueError("no input files")
-    if split not in ("dlrm", "random"):
-        raise ValueError(f"split must be 'dlrm' or 'random', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
+    if max_rows_per_field is not None and (isinstance(max_rows_per_field, bool) or not isinstance(
+            max_rows_per_field, (int, np.integer)) or max_rows_per_field < 1):
+        raise ValueError(f"max_rows_per_field must be None or an int >= 1 (ids per field, the reserved id "
+                         f"included), got {max_rows_per_field!r}")
+    if not isinstance(dense_buckets, bool):
+        raise TypeError(f"dense_buckets must be True or False, got {dense_buckets!r}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if split == "day":
+        _check_day_inputs(paths)
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"input file {str(p)!r} does not exist")
     out = Path(out_dir)
-    options = {"min_count": min_count, "split": split, "seed": seed if split == "random" else None,
-               "on_bad_line": on_bad_line}
+    options = {"min_count": int(min_count), "split": split, "seed": seed if split == "random" else None,
+               "on_bad_line": on_bad_line, "dense_buckets": dense_buckets,
+               "max_rows_per_field": None if max_rows_per_field is None else int(max_rows_per_field)}
     sources = [{"path": str(p.resolve()), "name": p.name, "bytes": p.stat().st_size} for p in paths]
 
     # refuse an output folder holding another data set (cheap checks first, the checksum after pass 1)
@@ -561,7 +657,7 @@ def prepare_criteo(
             if existing.get("format") != "embcompress-criteo":
                 raise ValueError(f"output folder {out} holds another kind of data set; choose another --out")
             old_src = [(s.get("name"), s.get("bytes")) for s in existing.get("sources", [])]
-            if existing.get("options") != options or old_src != [(s["name"], s["bytes"]) for s in sources]:
+            if {**_OPTION_DEFAULTS, **existing.get("options", {})} != options or old_src != [(s["name"], s["bytes"]) for s in sources]:
                 raise ValueError(f"output folder {out} already holds another data set (different inputs or "
                                  "options); choose another --out or remove it")
         elif any(out.iterdir()):
@@ -581,39 +677,83 @@ def prepare_criteo(
                 skipped["first"].append(f"{path.name}:{line}")
 
     # pass 1: validate, decode, count, hash; the decoded rows are spilled to a temporary file for pass 2
-    counters = [_Counter() for _ in SPARSE_FIELDS]
-    n_rows, n_pos = 0, 0
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    spill_dir = tempfile.mkdtemp(prefix=".embcompress-criteo-", dir=out.resolve().parent)
-    try:
+    fields = SPARSE_FIELDS + (BUCKET_FIELDS if dense_buckets else ())
+    counters = [_Counter() for _ in fields]
+    with _spill_folder(out, progress) as spill_dir:
         return _prepare(paths, out, sources, options, existing, skipped, accept, counters, spill_dir,
-                        block_bytes, min_count, split, seed, progress, t0)
+                        block_bytes, fields, progress, t0)
+
+
+def _spill_name(out: Path) -> tuple[Path, Path]:
+    """The temporary folder of a preparation of ``out`` and its lock file (both beside ``out``)."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.embcompress-spill", out.parent / f".{out.name}.embcompress-spill.lock"
+
+
+@contextlib.contextmanager
+def _spill_folder(out: Path, progress: bool) -> Iterator[Path]:
+    """The temporary folder beside ``out`` for pass 1's decoded blocks, removed on exit.
+
+    Its name is fixed per output folder, and a lock file beside it is held (``flock``) while a preparation
+    runs, so a folder left by a killed run is recognised (nobody holds its lock) and removed by the next run,
+    and a second preparation of the same ``out`` while one is running is refused.
+    """
+    spill, lock_path = _spill_name(out)
+    spill.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(lock_path, "a+b")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another preparation of {out} is running (it holds {lock_path}); wait for it "
+                                 "to finish or stop it") from None
+        if spill.exists():
+            if progress:
+                print(f"removing {spill}, left by an interrupted run", flush=True)
+            shutil.rmtree(spill)
+        spill.mkdir()
+        try:
+            yield spill
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
     finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
+        lock.close()
 
 
 def _prepare(paths, out, sources, options, existing, skipped, accept, counters, spill_dir, block_bytes,
-             min_count, split, seed, progress, t0) -> dict:
+             fields, progress, t0) -> dict:
+    min_count, cap, split, seed = (options[k] for k in ("min_count", "max_rows_per_field", "split", "seed"))
+    buckets = options["dense_buckets"]
+    n_cat = len(SPARSE_FIELDS)
     n_rows, n_pos = 0, 0
     spill_path = Path(spill_dir) / "rows.bin"
     block_sizes: list[int] = []
+
+    def count(block: _Block, f: int) -> None:
+        counters[f].add(block.codes[f] if f < n_cat else block.buckets[f - n_cat].astype(np.int64))
+
     with open(spill_path, "wb") as spill:
         for src, p in zip(sources, paths):
             digest = hashlib.sha256()
             n_file = 0
-            for block in _blocks(p, block_bytes, digest):
+            for block in _blocks(p, block_bytes, digest, buckets):
                 accept(block, p)
                 if not len(block):
                     continue
-                list(_pool().map(lambda f: counters[f].add(block.codes[f]), range(len(SPARSE_FIELDS))))
+                list(_pool().map(lambda f: count(block, f), range(len(fields))))
                 n_pos += int(np.count_nonzero(block.labels))
                 # codes as uint32 ("" -> 0xffffffff); a field holding the value "ffffffff" too is spilled as int64
-                wide = [f for f in range(len(SPARSE_FIELDS)) if (block.codes[f] == _U32_MAX).any()]
+                wide = [f for f in range(n_cat) if (block.codes[f] == _U32_MAX).any()]
                 spill.write(block.codes.astype(np.uint32).data)
                 for f in wide:
                     spill.write(block.codes[f].data)
                 spill.write(block.dense.data)
                 spill.write(block.labels.data)
+                if buckets:
+                    spill.write(block.buckets.data)
                 block_sizes.append((len(block), wide))
                 n_file += len(block)
                 if progress:
@@ -634,30 +774,39 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
     for f, (u, c) in enumerate(_pool().map(lambda cnt: cnt.result(), counters)):
         order = np.lexsort((u, -c))
         kept = order[c[order] >= min_count]
+        if cap is not None:
+            kept = kept[:cap - 1]  # the N - 1 most frequent values; id N - 1 is the reserved id
         vocabs.append(u[kept])
         cards.append(len(kept) + 1)  # + the reserved id (rare / unseen values)
     counters = None
     sparse_dtype = _uint_dtype(max(cards) - 1)
-    splits = _splits(n_rows, split)
+    splits = _splits(n_rows, split, [s["rows"] for s in sources])
+    if split == "day" and splits["val"][1] - splits["test"][0] < 2:
+        raise ValueError(f"{paths[-1]}: day 23 has {splits['val'][1] - splits['test'][0]} row(s); the day split "
+                         "halves it into test and val")
 
     manifest = {
         "format": "embcompress-criteo", "version": FORMAT_VERSION, "complete": False,
         "name": "criteo", "sources": sources, "source_sha256": checksum, "options": options,
-        "schema": {"label": "label", "dense": list(DENSE_FIELDS), "sparse": list(SPARSE_FIELDS),
+        "schema": {"label": "label", "dense": list(DENSE_FIELDS), "sparse": list(fields),
                    "files": {"labels": "labels.npy (float32 [N])", "dense": "dense.npy (float32 [N, 13])",
-                             "sparse": f"sparse.npy ({sparse_dtype.name} [N, 26])",
+                             "sparse": f"sparse.npy ({sparse_dtype.name} [N, {len(fields)}])",
                              "vocab": "vocab/<field>.npy (int64 codes in id order; -1 = empty)",
                              "row_order": "row_order.npy (random split only)"},
                    "dense_transform": "log(1 + max(x, 0)), missing -> 0",
-                   "reserved_id": "n_f - 1 (values with count < min_count, unseen values)",
-                   "missing_categorical": "the value '' with its own id"},
+                   "reserved_id": "n_f - 1 (values with count < min_count, values beyond max_rows_per_field - 1 "
+                                  "most frequent, unseen values)",
+                   "missing_categorical": "the value '' with its own id",
+                   **({"dense_buckets": "I<k>_bucket = floor(ln(x) ** 2) of I<k> for x >= 1 (code >= 0); x < 1 "
+                                        "-> code -2; missing -> code -1; ids by frequency like C1..C26"}
+                      if buckets else {})},
         "rows": n_rows, "positives": n_pos, "cardinalities": cards, "sparse_dtype": sparse_dtype.name,
         "splits": {k: list(v) for k, v in splits.items()}, "skipped": skipped,
     }
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / MANIFEST, manifest)  # complete: false until every array is written
     (out / "vocab").mkdir(exist_ok=True)
-    for name, v in zip(SPARSE_FIELDS, vocabs):
+    for name, v in zip(fields, vocabs):
         np.save(out / "vocab" / f"{name}.npy", v)
 
     # pass 2: encode and write
@@ -667,7 +816,7 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
     # in the page cache but not in this process's resident set: peak RSS does not grow with the file
     out_files = [out / "labels.npy", out / "dense.npy", out / "sparse.npy"]
     for path, dt, shape in zip(out_files, (np.float32, np.float32, sparse_dtype),
-                               ((n_rows,), (n_rows, len(DENSE_FIELDS)), (n_rows, len(SPARSE_FIELDS)))):
+                               ((n_rows,), (n_rows, len(DENSE_FIELDS)), (n_rows, len(fields)))):
         del_ = open_memmap(path, mode="w+", dtype=dt, shape=shape)
         del del_
     dest = None
@@ -689,7 +838,8 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
         buf32 = np.empty(max_n * len(SPARSE_FIELDS), np.uint32)
         buf_den = np.empty(max_n * len(DENSE_FIELDS), np.float32)
         buf_lab = np.empty(max_n, np.float32)
-        buf_spa = np.empty(max_n * len(SPARSE_FIELDS), sparse_dtype)
+        buf_spa = np.empty(max_n * len(fields), sparse_dtype)
+        buf_bk = np.empty(max_n * len(BUCKET_FIELDS), np.int16)
 
         def read(arr: np.ndarray) -> np.ndarray:
             if spill.readinto(memoryview(arr).cast("B")) != arr.nbytes:
@@ -701,18 +851,21 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
             exact = {f: read(np.empty(n, np.int64)) for f in wide}
             den = read(buf_den[:n * len(DENSE_FIELDS)]).reshape(n, -1)
             lab = read(buf_lab[:n])
-            spa = buf_spa[:n * len(SPARSE_FIELDS)].reshape(n, -1)
+            bk = read(buf_bk[:n * len(BUCKET_FIELDS)]).reshape(-1, n) if buckets else None
+            spa = buf_spa[:n * len(fields)].reshape(n, -1)
 
             def encode(f):
                 vals, ids, index = lookups[f]
-                if f in exact:
+                if f >= n_cat:
+                    codes = bk[f - n_cat].astype(np.int64)
+                elif f in exact:
                     codes = exact[f]
                 else:
                     codes = codes32[f].astype(np.int64)
                     codes[codes == _U32_MAX] = _MISSING
                 spa[:, f] = _lookup(codes, vals, ids, cards[f] - 1, index)
 
-            list(_pool().map(encode, range(len(SPARSE_FIELDS))))
+            list(_pool().map(encode, range(len(fields))))
             labels, dense, sparse = (np.load(path, mmap_mode="r+") for path in out_files)
             if dest is None:
                 labels[row:row + n], dense[row:row + n], sparse[row:row + n] = lab, den, spa
@@ -785,58 +938,114 @@ def _lookup(codes: np.ndarray, vals: np.ndarray, ids: np.ndarray, reserved: int,
 
 
 # --------------------------------------------------------------------------------------------- load / vocab
+#: on-disk formats :func:`load_criteo` reads: Criteo TSV, and any CSV through a spec (embcompress.csvdata)
+FORMATS = ("embcompress-criteo", "embcompress-csv")
+
+
 def _complete_manifest(out_dir) -> dict:
     m = read_manifest(out_dir)
-    if m.get("format") != "embcompress-criteo":
-        raise ValueError(f"{out_dir}: not an embcompress Criteo data set")
+    if m.get("format") not in FORMATS:
+        raise ValueError(f"{out_dir}: not an embcompress data set (format {m.get('format')!r})")
     if m.get("complete") is not True:
+        what = "csv SPEC" if m.get("format") == "embcompress-csv" else "criteo"
         raise ValueError(f"{out_dir}: the data set is incomplete (preparation was interrupted or is running); "
-                         "run `embcompress data criteo` again")
+                         f"run `embcompress data {what}` again")
     return m
 
 
+def _field(out_dir, field: str | int) -> tuple[dict, int, str]:
+    """(manifest, index, name) of a categorical field given by name or index."""
+    m = _complete_manifest(out_dir)
+    names = m["schema"]["sparse"]
+    if isinstance(field, (int, np.integer)) and not isinstance(field, bool):
+        if not 0 <= field < len(names):
+            raise KeyError(f"no categorical field {field}; there are {len(names)} ({names[0]}..{names[-1]})")
+        return m, int(field), names[field]
+    if field not in names:
+        raise KeyError(f"no categorical field {field!r}; fields are {', '.join(names)}")
+    return m, names.index(field), field
+
+
 def load_vocab(out_dir: str | os.PathLike, field: str | int) -> np.ndarray:
-    """int64 codes of the kept values of one field in id order (``-1`` = the empty value)."""
-    name = SPARSE_FIELDS[field] if isinstance(field, int) else field
-    if name not in SPARSE_FIELDS:
-        raise KeyError(f"no categorical field {name!r}; fields are C1..C26")
+    """Codes of the kept values of one field in id order.
+
+    Criteo ``C1..C26``: int64 codes of the hex values (``-1`` = the empty value). ``I<k>_bucket``: bucket codes
+    (``floor(ln(x) ** 2)``, ``-2`` = below 1, ``-1`` = missing). A CSV data set: the value strings.
+    """
+    m, _, name = _field(out_dir, field)
+    if m["format"] == "embcompress-csv":
+        with open(Path(out_dir) / "vocab" / f"{name}.json", encoding="utf-8") as fh:
+            return np.array(json.load(fh), dtype=object)
     return np.load(Path(out_dir) / "vocab" / f"{name}.npy")
 
 
-def encode_values(out_dir: str | os.PathLike, field: str | int, values: Iterable[str]) -> np.ndarray:
-    """Ids of raw values (8-hex-digit strings or ``""``) with a prepared data set's vocabulary.
+def _bucket_value_codes(values: list[str]) -> np.ndarray:
+    codes = np.full(len(values), _MISSING, dtype=np.int64)
+    for i, v in enumerate(values):
+        if v != "":
+            if not isinstance(v, str) or not re.fullmatch(_DENSE_RE, v):
+                raise ValueError(f"malformed dense value {v!r} (expected an integer of at most 18 digits or '')")
+            codes[i] = _dense_bucket_codes(np.array([int(v)], dtype=np.int64))[0]
+    return codes
 
-    Values not in the vocabulary (rare at preparation, or unseen) get the reserved id ``n_f - 1``.
+
+def encode_values(out_dir: str | os.PathLike, field: str | int, values: Iterable[str]) -> np.ndarray:
+    """Ids of raw values with a prepared data set's vocabulary.
+
+    ``C1..C26``: 8-hex-digit strings or ``""``. ``I<k>_bucket``: raw dense values (integer strings or ``""``),
+    bucketed as at preparation. A CSV data set: the value strings. Values not in the vocabulary (rare at
+    preparation, beyond the cap, or unseen) get the reserved id ``n_f - 1``.
     """
     import pyarrow as pa
 
-    m = _complete_manifest(out_dir)
-    f = field if isinstance(field, int) else SPARSE_FIELDS.index(field)
-    arr = pa.array(list(values), pa.string())
-    codes, valid = _hex_codes_exact(arr)
-    if not valid.all():
-        bad = arr[int(np.flatnonzero(~valid)[0])].as_py()
-        raise ValueError(f"malformed categorical value {bad!r} (expected 8 lowercase hex digits or '')")
+    m, f, name = _field(out_dir, field)
+    values = list(values)
     v = load_vocab(out_dir, f)
+    reserved = m["cardinalities"][f] - 1
+    if m["format"] == "embcompress-csv":
+        index = {value: i for i, value in enumerate(v.tolist())}
+        return np.array([index.get(x, reserved) for x in values], dtype=np.int64)
+    if name in BUCKET_FIELDS:
+        codes = _bucket_value_codes(values)
+    else:
+        arr = pa.array(values, pa.string())
+        codes, valid = _hex_codes_exact(arr)
+        if not valid.all():
+            bad = arr[int(np.flatnonzero(~valid)[0])].as_py()
+            raise ValueError(f"malformed categorical value {bad!r} (expected 8 lowercase hex digits or '')")
     by_value = np.argsort(v, kind="stable")
-    return _lookup(codes, v[by_value], by_value.astype(np.int64), m["cardinalities"][f] - 1).astype(np.int64)
+    return _lookup(codes, v[by_value], by_value.astype(np.int64), reserved).astype(np.int64)
 
 
 def decode_ids(out_dir: str | os.PathLike, field: str | int, ids: Iterable[int]) -> list[str | None]:
-    """Raw values of ids (``None`` for the reserved id: a rare or unseen value)."""
-    v = load_vocab(out_dir, field)
+    """Raw values of ids (``None`` for the reserved id: a rare, capped or unseen value).
+
+    Bucket fields decode to the bucket number as a string, ``"<1"`` (a value below 1) or ``""`` (missing).
+    """
+    m, f, name = _field(out_dir, field)
+    v = load_vocab(out_dir, f)
     out: list[str | None] = []
     for i in np.asarray(list(ids), dtype=np.int64):
-        out.append(_code_strings(v[i:i + 1])[0] if 0 <= i < len(v) else None)
+        if not 0 <= i < len(v):
+            out.append(None)
+        elif m["format"] == "embcompress-csv":
+            out.append(str(v[i]))
+        elif name in BUCKET_FIELDS:
+            c = int(v[i])
+            out.append("" if c == _MISSING else "<1" if c == _BELOW_1 else str(c))
+        else:
+            out.append(_code_strings(v[i:i + 1])[0])
     return out
 
 
 def load_criteo(out_dir: str | os.PathLike, *, sparse_int64: bool = True):
     """A prepared data set as :class:`~embcompress.data.CTRData` over memory-mapped arrays.
 
-    ``labels`` and ``dense`` are copy-on-write memory maps (no copy, no load). ``sparse`` is stored in the
-    smallest unsigned dtype; CTRData expects int64, so by default it is converted in memory: ``N * 26 * 8``
-    bytes (9.5 GB for Kaggle's 45.8M rows). ``sparse_int64=False`` keeps the memory map of the stored dtype.
+    Reads any folder written by :func:`prepare_criteo` or by :func:`embcompress.csvdata.prepare_csv` (field
+    names, name and splits come from its manifest). ``labels`` and ``dense`` are copy-on-write memory maps
+    (no copy, no load). ``sparse`` is stored in the smallest unsigned dtype; CTRData expects int64, so by
+    default it is converted in memory: ``N * F * 8`` bytes (9.5 GB for Kaggle's 45.8M rows and 26 fields).
+    ``sparse_int64=False`` keeps the memory map of the stored dtype.
     """
     from .data import CTRData
 
@@ -848,8 +1057,9 @@ def load_criteo(out_dir: str | os.PathLike, *, sparse_int64: bool = True):
     if sparse_int64:
         sparse = sparse.astype(np.int64)
     return CTRData(
-        name="criteo", dense=dense, sparse=sparse, labels=labels,
-        cardinalities=tuple(int(c) for c in m["cardinalities"]), field_names=SPARSE_FIELDS,
+        name=str(m.get("name", "criteo")), dense=dense, sparse=sparse, labels=labels,
+        cardinalities=tuple(int(c) for c in m["cardinalities"]),
+        field_names=tuple(m["schema"]["sparse"]),
         splits={k: (int(v[0]), int(v[1])) for k, v in m["splits"].items()}, bayes_auc=None,
         meta={"manifest": m, "path": str(out)},
     )

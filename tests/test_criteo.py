@@ -247,3 +247,270 @@ def test_numpy_fallback_gives_identical_arrays(tmp_path, sample_dir, monkeypatch
     prepare_criteo([SAMPLE], ref, min_count=2)
     for name in ("labels.npy", "dense.npy", "sparse.npy"):
         assert np.array_equal(np.load(out / name), np.load(ref / name)), name
+
+
+# ------------------------------------------------------------------------------------ per-field cap
+def _counted_file(tmp_path: Path) -> Path:
+    """C1 values with counts 5 (0000000a), 3 (0000000b), 3 (0000000c), 2 (0000000d), 1 (0000000e)."""
+    values = ["0000000a"] * 5 + ["0000000c"] * 3 + ["0000000b"] * 3 + ["0000000d"] * 2 + ["0000000e"]
+    return _write(tmp_path / "c.tsv", ["\t".join(["0"] + ["1"] * 13 + [v] * 26) for v in values])
+
+
+@pytest.mark.parametrize("cap, kept", [(1, []), (2, ["0000000a"]), (3, ["0000000a", "0000000b"]),
+                                       (4, ["0000000a", "0000000b", "0000000c"]), (100, None)])
+def test_max_rows_per_field_keeps_the_most_frequent(tmp_path, cap, kept):
+    src = _counted_file(tmp_path)
+    m = prepare_criteo(src, tmp_path / "o", max_rows_per_field=cap)
+    order = ["0000000a", "0000000b", "0000000c", "0000000d", "0000000e"]  # by count, ties (b, c) by value
+    kept = order if kept is None else kept
+    assert m["cardinalities"] == [len(kept) + 1] * 26 and m["options"]["max_rows_per_field"] == cap
+    data = load_criteo(tmp_path / "o")
+    raw = [line.split("\t")[14] for line in src.read_text().splitlines()]
+    expected = [kept.index(v) if v in kept else len(kept) for v in raw]
+    assert data.sparse[:, 0].tolist() == expected
+    assert decode_ids(tmp_path / "o", "C1", range(len(kept) + 1)) == kept + [None]
+
+
+def test_max_rows_per_field_after_min_count(tmp_path):
+    m = prepare_criteo(_counted_file(tmp_path), tmp_path / "o", min_count=3, max_rows_per_field=10)
+    assert m["cardinalities"][0] == 4  # a, b, c (count >= 3) + reserved: the cap does not bind
+    m = prepare_criteo(_counted_file(tmp_path), tmp_path / "p", min_count=3, max_rows_per_field=3)
+    assert m["cardinalities"][0] == 3
+    assert decode_ids(tmp_path / "p", 0, [0, 1, 2]) == ["0000000a", "0000000b", None]
+
+
+@needs_sample
+def test_max_rows_per_field_on_sample(tmp_path, sample_dir):
+    _, _, cats = _reference(SAMPLE)
+    prepare_criteo(SAMPLE, tmp_path / "cap", max_rows_per_field=5)
+    data, full = load_criteo(tmp_path / "cap"), load_criteo(sample_dir)
+    for f in range(26):
+        n_values = len({row[f] for row in cats})
+        assert data.cardinalities[f] == min(5, n_values + 1)
+        reserved = data.cardinalities[f] - 1
+        capped = full.sparse[:, f] >= reserved  # the ids past the cap in the uncapped set
+        np.testing.assert_array_equal(data.sparse[~capped, f], full.sparse[~capped, f])
+        assert (data.sparse[capped, f] == reserved).all()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_max_rows_per_field_is_validated(tmp_path, bad):
+    with pytest.raises(ValueError, match=rf"max_rows_per_field .*got {bad!r}"):
+        prepare_criteo(_counted_file(tmp_path), tmp_path / "o", max_rows_per_field=bad)
+
+
+# ------------------------------------------------------------------------------------ dense buckets
+# hand-computed floor(ln(x) ** 2) of the first three rows of the sample (I1..I13; "" = missing, "<1" = x < 1):
+# row 0: I2 = 3 -> ln 3 = 1.0986, ^2 = 1.207 -> 1; I3 = 260 -> 5.5607^2 = 30.92 -> 30; I5 = 17668 ->
+#        9.7794^2 = 95.64 -> 95; I8 = 33 -> 3.4965^2 = 12.23 -> 12; I12 = 0 -> <1
+# row 1: I2 = -1 -> <1; I3 = 19 -> 2.9444^2 = 8.67 -> 8; I4 = I8 = I13 = 35 -> 3.5553^2 = 12.64 -> 12;
+#        I5 = 30251 -> 10.317^2 = 106.4 -> 106; I6 = 247 -> 5.5094^2 = 30.35 -> 30; I7 = I11 = 1 -> 0;
+#        I9 = 160 -> 5.0752^2 = 25.76 -> 25
+# row 2: I1 = I2 = I10 = 0 -> <1; I3 = 2 -> 0.6931^2 = 0.48 -> 0; I4 = 12 -> 2.4849^2 = 6.17 -> 6;
+#        I5 = 2013 -> 7.6074^2 = 57.87 -> 57; I6 = 164 -> 5.0999^2 = 26.01 -> 26; I7 = 6 -> 1.7918^2 = 3.21
+#        -> 3; I9 = 523 -> 6.2596^2 = 39.18 -> 39; I11 = 3 -> 1; I13 = 18 -> 2.8904^2 = 8.35 -> 8
+SAMPLE_BUCKETS = [
+    # I1  I2    I3    I4    I5     I6    I7   I8    I9    I10   I11  I12  I13
+    ["",   "1",  "30", "",   "95",  "",   "",  "12", "",   "",   "",  "<1", ""],
+    ["",   "<1", "8",  "12", "106", "30", "0", "12", "25", "",   "0", "",   "12"],
+    ["<1", "<1", "0",  "6",  "57",  "26", "3", "12", "39", "<1", "1", "",   "8"],
+]
+
+
+@needs_sample
+def test_dense_buckets_on_sample_rows_hand_computed(tmp_path, sample_dir):
+    first = [line.split("\t")[1:14] for line in SAMPLE.read_text().splitlines()[:3]]
+    assert first[0] == ["", "3", "260", "", "17668", "", "", "33", "", "", "", "0", ""]
+    m = prepare_criteo(SAMPLE, tmp_path / "b", dense_buckets=True)
+    data = load_criteo(tmp_path / "b")
+    names = [f"I{k}_bucket" for k in range(1, 14)]
+    assert data.field_names == SPARSE_FIELDS + tuple(names) and data.sparse.shape == (200, 39)
+    assert m["schema"]["sparse"] == list(SPARSE_FIELDS) + names and len(m["cardinalities"]) == 39
+    assert m["options"]["dense_buckets"] is True and "dense_buckets" in m["schema"]
+    for r, expected in enumerate(SAMPLE_BUCKETS):
+        got = [decode_ids(tmp_path / "b", name, [data.sparse[r, 26 + k]])[0] for k, name in enumerate(names)]
+        assert got == expected, r
+    full = load_criteo(sample_dir)  # the categorical fields and the dense array are unchanged
+    np.testing.assert_array_equal(data.sparse[:, :26], full.sparse)
+    np.testing.assert_array_equal(data.dense, full.dense)
+    # every row, from the raw text: bucket ids follow descending frequency of the buckets
+    for k in range(13):
+        raw = [line.split("\t")[1 + k] for line in SAMPLE.read_text().splitlines()]
+        buckets = ["" if x == "" else "<1" if int(x) < 1 else str(math.floor(math.log(int(x)) ** 2)) for x in raw]
+        assert decode_ids(tmp_path / "b", names[k], data.sparse[:, 26 + k]) == buckets
+        counts = Counter(buckets)
+        assert data.cardinalities[26 + k] == len(counts) + 1
+        np.testing.assert_array_equal(encode_values(tmp_path / "b", names[k], raw), data.sparse[:, 26 + k])
+
+
+def test_dense_buckets_negative_missing_and_large(tmp_path):
+    dense_rows = [["-3", "0", "1", "2", "3", "7", "8", "100", "", "999999999999999999", "20", "21", "1"],
+                  ["-1", "", "1", "2", "3", "7", "8", "100", "", "54", "55", "22", "1"]]
+    lines = ["\t".join(["1"] + d + ["0000000a"] * 26) for d in dense_rows]
+    m = prepare_criteo(_write(tmp_path / "d.tsv", lines), tmp_path / "o", dense_buckets=True)
+    # 999999999999999999: ln = 41.4465, ^2 = 1717.8 -> 1717; 20 -> 8.97 -> 8; 21 -> 9.27 -> 9; 54 -> 15.9 -> 15;
+    # 55 -> 16.06 -> 16; 22 -> 9.55 -> 9
+    expected = [["<1", "<1", "0", "0", "1", "3", "4", "21", "", "1717", "8", "9", "0"],
+                ["<1", "", "0", "0", "1", "3", "4", "21", "", "15", "16", "9", "0"]]
+    data = load_criteo(tmp_path / "o")
+    for r in range(2):
+        assert [decode_ids(tmp_path / "o", 26 + k, [data.sparse[r, 26 + k]])[0] for k in range(13)] == expected[r]
+    assert m["cardinalities"][26:] == [2, 3, 2, 2, 2, 2, 2, 2, 2, 3, 3, 2, 2]
+    assert encode_values(tmp_path / "o", "I10_bucket", ["55"])[0] == m["cardinalities"][35] - 1  # unseen
+    with pytest.raises(ValueError, match="malformed dense value '1.5'"):
+        encode_values(tmp_path / "o", "I1_bucket", ["1.5"])
+
+
+def test_dense_buckets_min_count_and_cap_apply(tmp_path):
+    dense = ["5"] * 3 + ["100"] * 2 + [""]  # buckets 2 (x3), 21 (x2), missing (x1)
+    lines = ["\t".join(["0"] + [d] * 13 + ["0000000a"] * 26) for d in dense]
+    src = _write(tmp_path / "t.tsv", lines)
+    m = prepare_criteo(src, tmp_path / "a", dense_buckets=True, min_count=2)
+    assert m["cardinalities"][26:] == [3] * 13
+    assert decode_ids(tmp_path / "a", "I1_bucket", [0, 1, 2]) == ["2", "21", None]
+    m = prepare_criteo(src, tmp_path / "b", dense_buckets=True, max_rows_per_field=2)
+    assert m["cardinalities"] == [2] * 39
+
+
+@needs_sample
+def test_cli_cap_and_buckets(tmp_path, capsys):
+    assert cli_main(["data", "criteo", str(SAMPLE), "--out", str(tmp_path / "o"), "--quiet", "--dense-buckets",
+                     "--max-rows-per-field", "4"]) == 0
+    data = load_criteo(tmp_path / "o")
+    assert data.sparse.shape == (200, 39) and max(data.cardinalities) == 4
+
+
+# ------------------------------------------------------------------------------------ 1TB day split
+def _day_files(tmp_path: Path, rows_per_day: list[int], gz_days=(3, 23)) -> list[Path]:
+    paths = []
+    for d, n in enumerate(rows_per_day):
+        text = "".join(_good_line(label=str((d + i) % 2), cat=f"{d:08x}") + "\n" for i in range(n))
+        if d in gz_days:
+            p = tmp_path / f"day_{d}.gz"
+            p.write_bytes(gzip.compress(text.encode()))
+        else:
+            p = tmp_path / f"day_{d}"
+            p.write_text(text)
+        paths.append(p)
+    return paths
+
+
+def test_day_split_boundaries(tmp_path):
+    rows = [2 + d % 3 for d in range(23)] + [7]
+    paths = _day_files(tmp_path, rows)
+    m = prepare_criteo(paths, tmp_path / "o", split="day")
+    n_train = sum(rows[:23])
+    # day 23 (7 rows) halved as in the dlrm split: np.array_split -> 4 test rows first, then 3 val rows
+    assert m["splits"] == {"train": [0, n_train], "test": [n_train, n_train + 4], "val": [n_train + 4, n_train + 7]}
+    assert [s["rows"] for s in m["sources"]] == rows and m["options"]["split"] == "day"
+    data = load_criteo(tmp_path / "o")
+    day_of_row = np.repeat(np.arange(24), rows)
+    assert decode_ids(tmp_path / "o", "C1", data.sparse[:, 0]) == [f"{d:08x}" for d in day_of_row]
+    assert (day_of_row[slice(*data.splits["train"])] < 23).all()
+    assert (day_of_row[data.splits["test"][0]:] == 23).all()
+
+
+def test_day_split_skipped_lines_count_per_day(tmp_path):
+    paths = _day_files(tmp_path, [2] * 23 + [5])
+    with open(paths[0], "a") as fh:
+        fh.write("garbage\n")
+    m = prepare_criteo(paths, tmp_path / "o", split="day", on_bad_line="skip")
+    assert m["splits"]["train"] == [0, 46] and m["skipped"]["first"] == ["day_0:3"]
+
+
+def test_day_split_needs_24_files_in_order(tmp_path):
+    paths = _day_files(tmp_path, [2] * 24)
+    with pytest.raises(ValueError, match="needs the 24 .*got 23 input"):
+        prepare_criteo(paths[:23], tmp_path / "o", split="day")
+    with pytest.raises(ValueError, match="got 25 input"):
+        prepare_criteo(paths + paths[:1], tmp_path / "o", split="day")
+    glob_order = sorted(paths, key=lambda p: p.name)  # day_0 day_1 day_10 ...: the shell's order
+    with pytest.raises(ValueError, match="day order .*day_0 day_1 day_10"):
+        prepare_criteo(glob_order, tmp_path / "o", split="day")
+    (tmp_path / "s").mkdir()
+    short = _day_files(tmp_path / "s", [2] * 23 + [1])
+    with pytest.raises(ValueError, match="day_23.gz: day 23 has 1 row"):
+        prepare_criteo(short, tmp_path / "o2", split="day")
+    assert cli_main(["data", "criteo", *map(str, paths[:3]), "--out", str(tmp_path / "c"), "--split", "day",
+                     "--quiet"]) == 2
+
+
+def test_cli_day_split(tmp_path, capsys):
+    paths = _day_files(tmp_path, [1] * 23 + [2])
+    assert cli_main(["data", "criteo", *map(str, paths), "--out", str(tmp_path / "o"), "--split", "day",
+                     "--quiet"]) == 0
+    assert read_manifest(tmp_path / "o")["splits"] == {"train": [0, 23], "test": [23, 24], "val": [24, 25]}
+
+
+# ------------------------------------------------------------------------------------ killed runs
+def _spill(out: Path) -> Path:
+    return out.parent / f".{out.name}.embcompress-spill"
+
+
+def test_rerun_after_a_kill_removes_the_stale_temporary_folder(tmp_path):
+    src = _write(tmp_path / "a.tsv", [_good_line()] * 3)
+    out = tmp_path / "o"
+    prepare_criteo(src, out)
+    # what a killed run leaves: an incomplete manifest and a spill folder that nobody holds the lock of
+    m = read_manifest(out)
+    m["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(m))
+    _spill(out).mkdir()
+    (_spill(out) / "rows.bin").write_bytes(b"x" * 1000)
+    (tmp_path / f".{out.name}.embcompress-spill.lock").write_text("")
+    assert prepare_criteo(src, out)["complete"] is True
+    assert not _spill(out).exists() and not (tmp_path / f".{out.name}.embcompress-spill.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", "o"]  # nothing accumulates beside out
+
+
+def test_a_running_preparation_of_the_same_out_is_refused(tmp_path):
+    import fcntl
+
+    src = _write(tmp_path / "a.tsv", [_good_line()] * 3)
+    out = tmp_path / "o"
+    with open(tmp_path / f".{out.name}.embcompress-spill.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live run holds it
+        with pytest.raises(ValueError, match="another preparation of .* is running"):
+            prepare_criteo(src, out)
+    assert prepare_criteo(src, out)["complete"] is True
+
+
+def test_a_real_kill_then_rerun(tmp_path):
+    """SIGKILL a preparation during pass 1, then rerun: same arrays as a clean run, no temporary folder left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = _write(tmp_path / "big.tsv", [_good_line(label=str(i % 2), cat=f"{i % 977:08x}") for i in range(20000)])
+    out = tmp_path / "o"
+    code = (f"from embcompress.criteo import prepare_criteo; "
+            f"prepare_criteo({str(src)!r}, {str(out)!r}, block_rows=20)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    rows = _spill(out) / "rows.bin"
+    while not (rows.exists() and rows.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the preparation finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _spill(out).exists()  # what the kill left
+    m = prepare_criteo(src, out)
+    assert m["complete"] is True and m["rows"] == 20000 and not _spill(out).exists()
+    prepare_criteo(src, tmp_path / "clean")
+    for name in ("labels.npy", "dense.npy", "sparse.npy"):
+        np.testing.assert_array_equal(np.load(out / name), np.load(tmp_path / "clean" / name))
+
+
+def test_folder_prepared_before_the_new_options_can_be_rebuilt(tmp_path):
+    src = _write(tmp_path / "a.tsv", [_good_line()] * 3)
+    prepare_criteo(src, tmp_path / "o")
+    path = tmp_path / "o" / "manifest.json"
+    m = json.loads(path.read_text())
+    for key in ("dense_buckets", "max_rows_per_field"):
+        del m["options"][key]
+    path.write_text(json.dumps(m))
+    assert prepare_criteo(src, tmp_path / "o")["complete"] is True
+    with pytest.raises(ValueError, match="another data set"):
+        prepare_criteo(src, tmp_path / "o", dense_buckets=True)
