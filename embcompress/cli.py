@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_criteo.add_argument("inputs", nargs="+", metavar="INPUT", help="Criteo TSV file(s), read in this order")
     p_criteo.add_argument("--out", required=True, help="output folder")
     p_criteo.add_argument("--min-count", type=int, default=1, help="values seen fewer times share the reserved id")
-    p_criteo.add_argument("--split", choices=("dlrm", "random"), default="dlrm", help="dlrm (7 days) or random 8:1:1")
+    p_criteo.add_argument("--max-rows-per-field", type=int, default=None, metavar="N",
+                          help="keep the N-1 most frequent values of each field; the rest share the reserved id")
+    p_criteo.add_argument("--dense-buckets", action="store_true",
+                          help="add I1_bucket..I13_bucket: floor(ln(x)**2) of each dense value as a categorical field")
+    p_criteo.add_argument("--split", choices=("dlrm", "random", "day"), default="dlrm",
+                          help="dlrm (7 days), random 8:1:1, or day (Criteo 1TB: day_0..day_23; 23 halved)")
     p_criteo.add_argument("--seed", type=int, default=0, help="seed of the random split")
     p_criteo.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
     p_criteo.add_argument("--block-rows", type=int, default=500_000, help="about this many lines per block")
@@ -126,6 +131,7 @@ def cmd_data_criteo(args: argparse.Namespace) -> int:
     from .criteo import prepare_criteo
 
     m = prepare_criteo(args.inputs, args.out, min_count=args.min_count, split=args.split, seed=args.seed,
+                       max_rows_per_field=args.max_rows_per_field, dense_buckets=args.dense_buckets,
                        on_bad_line=args.on_bad_line, block_rows=args.block_rows, progress=not args.quiet)
     print(f"{m['rows']:,} rows ({m['skipped']['total']:,} bad lines skipped) in {m['seconds']:.1f} s -> {args.out}")
     print(f"splits: {m['splits']}\ncardinalities: {m['cardinalities']}")
