@@ -135,8 +135,11 @@ def load_data(suite: "Suite") -> CTRData:
     return make_synthetic(SyntheticConfig(**suite.data["synthetic"]))
 
 
-def load_suite(path: str | os.PathLike) -> Suite:
-    """Read and validate a suite; every error names the file and the bad entry, before anything trains."""
+def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None = None) -> Suite:
+    """Read and validate a suite; every error names the file and the bad entry, before anything trains.
+
+    ``data_path`` replaces the suite's data with ``{criteo: {path: data_path}}`` (a prepared folder).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
@@ -149,7 +152,8 @@ def load_suite(path: str | os.PathLike) -> Suite:
         raise SpecError(f"{where}: missing key 'methods'")
     if ("model" in raw) == ("models" in raw):
         raise SpecError(f"{where}: give either 'model' (one mapping) or 'models' (a list), not both or neither")
-    data = _check_data(raw.get("data") or {"synthetic": {}}, where)
+    data = _check_data({"criteo": {"path": str(data_path)}} if data_path is not None
+                       else raw.get("data") or {"synthetic": {}}, where)
     dim = raw.get("embedding_dim", 16)
     if not isinstance(dim, int) or dim < 1:
         raise SpecError(f"{where}: embedding_dim must be a positive int, got {dim!r}")
