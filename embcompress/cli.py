@@ -41,7 +41,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     from .bench import default_suite_path, load_suite, run_suite
 
     suite_path = Path(args.suite) if args.suite else default_suite_path()
-    suite = load_suite(suite_path)
+    suite = load_suite(suite_path, data_path=args.data_path)
     out = Path(args.out or Path("results") / suite.name)
     print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
     records = run_suite(suite, out, device=args.device, progress=not args.quiet)
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_opts.add_argument("--quiet", action="store_true", help="no progress bars")
     p_run = bench.add_parser("run", parents=[run_opts], help="run a suite (default: benchmarks/default.yaml)")
     p_run.add_argument("suite", nargs="?", help="suite YAML file")
+    p_run.add_argument("--data-path", metavar="FOLDER",
+                       help="train on this prepared data folder instead of the suite's data (embcompress data ...)")
     p_run.set_defaults(func=cmd_bench_run)
     p_report = bench.add_parser("report", help="markdown table and plot from a results.jsonl")
     p_report.add_argument("results", help="results.jsonl written by `bench run`")
