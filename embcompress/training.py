@@ -3,6 +3,11 @@
 Tables that produce sparse gradients (``sparse=True``) get a sparse optimizer for those parameters
 (``SparseAdam`` beside Adam, sparse ``Adagrad`` beside Adagrad), so only the rows a batch touched are updated;
 everything else gets the dense optimizer.
+
+Inside an initialised ``torch.distributed`` process group of several processes (``torchrun``, ``embcompress
+bench run --nproc N``) the same loop trains data-parallel: the model is wrapped in ``DistributedDataParallel``,
+each rank reads its slice of every global batch and metrics are gathered over whole splits; see
+:mod:`embcompress.distributed`. A single process runs exactly the loop below, untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .contract import CompressedEmbedding
 from .data import Batch, CTRData, iterate_batches
+from .distributed import DistContext, all_sum, evaluate_sharded, is_distributed
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "OPTIMIZERS"]
 
@@ -142,6 +148,9 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
     cfg = cfg or TrainConfig()
     model.to(cfg.device)
     opts = _optimizers(model, cfg)
+    ddp, score = None, evaluate  # a DistContext, and metrics over gathered shards, when data-parallel
+    if is_distributed():
+        ddp, score = DistContext.wrap(model, cfg.device), evaluate_sharded
     loss_fn = nn.BCEWithLogitsLoss()
     has_regularizer = _regularization(model) is not None
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -153,15 +162,31 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         batches = tqdm(
-            iterate_batches(train_split, cfg.batch_size, shuffle=True, generator=gen),
+            iterate_batches(train_split, cfg.batch_size, shuffle=True, generator=gen) if ddp is None
+            else ddp.batches(train_split, cfg.batch_size, gen),
             total=math.ceil(len(train_split) / cfg.batch_size),
             desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=None if cfg.progress else True,  # None: no bars when not a terminal
+            # None: no bars when not a terminal; none on ranks other than 0
+            disable=None if cfg.progress and (ddp is None or ddp.rank == 0) else True,
             leave=False,
         )
         running = 0.0
         start = time.perf_counter()
         for batch in batches:
+            if ddp is not None:  # this rank's slice of a global batch of `size` rows
+                batch, size = batch
+                batch = batch.to(cfg.device)
+                loss = ddp.loss(ddp.module(batch.dense, batch.sparse), batch.labels, size)
+                objective = loss + _regularization(model) if has_regularizer else loss
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                objective.backward()
+                ddp.sync_sparse_grads()
+                for opt in opts:
+                    opt.step()
+                running += loss.item() * size / ddp.world_size
+                samples += size
+                continue
             batch = batch.to(cfg.device)
             loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
             objective = loss + _regularization(model) if has_regularizer else loss
@@ -175,14 +200,16 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        val_auc, val_loss = evaluate(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
+        if ddp is not None:
+            running = all_sum(running, "cuda" if cfg.device.startswith("cuda") else "cpu")
+        val_auc, val_loss = score(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
         history.append({"epoch": epoch, "train_logloss": running / len(train_split), "val_auc": val_auc,
                         "val_logloss": val_loss, "lr": opts[0].param_groups[0]["lr"] if opts else None})
         if val_auc > best_auc:
             best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            if cfg.checkpoint:
+            if cfg.checkpoint and (ddp is None or ddp.rank == 0):  # only rank 0 writes
                 torch.save(model.state_dict(), cfg.checkpoint)
-            else:
+            if not cfg.checkpoint or ddp is not None:  # other ranks keep theirs in memory
                 best_state = copy.deepcopy(model.state_dict())
         else:
             bad_epochs += 1
@@ -191,12 +218,12 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
             for opt in opts:
                 for group in opt.param_groups:
                     group["lr"] *= cfg.lr_decay
-    if cfg.checkpoint and best_epoch:
+    if cfg.checkpoint and best_epoch and ddp is None:
         best_state = torch.load(cfg.checkpoint, map_location=cfg.device, weights_only=True)
     if best_state is not None:
         model.load_state_dict(best_state)
-    val_auc, val_loss = evaluate(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
-    test_auc, test_loss = evaluate(model, data.split("test"), batch_size=cfg.eval_batch_size, device=cfg.device)
+    val_auc, val_loss = score(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
+    test_auc, test_loss = score(model, data.split("test"), batch_size=cfg.eval_batch_size, device=cfg.device)
     return TrainResult(
         val_auc=val_auc, val_logloss=val_loss, test_auc=test_auc, test_logloss=test_loss,
         best_epoch=best_epoch, train_seconds=seconds,
