@@ -294,7 +294,11 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    _drop_partial_tail(results_path)
+    from .distributed import is_main_process
+
+    writer = is_main_process()  # under torchrun / --nproc every rank trains, only rank 0 writes
+    if writer:
+        _drop_partial_tail(results_path)
     done = {r["run_key"]: r for r in (read_results(results_path) if results_path.exists() else [])
             if r.get("status") == "ok" and "run_key" in r}
     runs = [(run, run_key(suite, run)) for run in suite.runs()]
@@ -313,7 +317,8 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
         except Exception as err:  # a failing run is recorded and the suite goes on
             record = {**_run_fields(suite, run), "status": "failed", "error": f"{type(err).__name__}: {err}"}
         record.update(meta, run_key=key, peak_rss_mb=_peak_rss_mb())
-        _append_line(results_path, record)
+        if writer:
+            _append_line(results_path, record)
         done[key] = record
     return [done[key] for _, key in runs if key in done]
 

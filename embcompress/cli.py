@@ -37,14 +37,29 @@ def _write_report(records: list[dict], out: Path, title: str) -> str:
     return f"{table}\n\nreport:  {out / 'report.md'}\nplot:    {png}"
 
 
+def _bench_run_rank(args: argparse.Namespace) -> int:
+    # One process of `bench run --nproc N`: the process group is up, so training runs data-parallel.
+    return cmd_bench_run(argparse.Namespace(**{**vars(args), "nproc": 1}))
+
+
 def cmd_bench_run(args: argparse.Namespace) -> int:
     from .bench import default_suite_path, load_suite, run_suite
+    from .distributed import default_backend, init_from_env, is_main_process, launch
 
+    if getattr(args, "nproc", 1) != 1:  # N local processes, each with its share of the CPU threads
+        import os
+
+        threads = max(1, (os.cpu_count() or 1) // args.nproc)
+        return max(launch(_bench_run_rank, args.nproc, args, backend=default_backend(args.device), threads=threads))
+    init_from_env(args.device)  # under torchrun
     suite_path = Path(args.suite) if args.suite else default_suite_path()
     suite = load_suite(suite_path, data_path=args.data_path)
     out = Path(args.out or Path("results") / suite.name)
-    print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
+    if is_main_process():
+        print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
     records = run_suite(suite, out, device=args.device, progress=not args.quiet)
+    if not is_main_process():
+        return 0 if all(r.get("status") == "ok" for r in records) else 1
     print(_write_report(records, out, f"{suite.name}: {', '.join(m.name for m in suite.models)}, D={suite.embedding_dim}"))
     print(f"results: {out / 'results.jsonl'}")
     return 0 if all(r.get("status") == "ok" for r in records) else 1
@@ -99,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("suite", nargs="?", help="suite YAML file")
     p_run.add_argument("--data-path", metavar="FOLDER",
                        help="train on this prepared data folder instead of the suite's data (embcompress data ...)")
+    p_run.add_argument("--nproc", type=int, default=1,
+                       help="train data-parallel in N local processes (DDP: gloo on CPU, nccl on GPU); "
+                            "or launch with torchrun")
     p_run.set_defaults(func=cmd_bench_run)
     p_report = bench.add_parser("report", help="markdown table and plot from a results.jsonl")
     p_report.add_argument("results", help="results.jsonl written by `bench run`")

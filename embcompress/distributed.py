@@ -226,11 +226,11 @@ class DistContext:
             g = p.grad
             if g is None:
                 g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.int64, device=p.device),
-                                            p.new_zeros((0, *p.shape[1:])), p.shape)
+                                            p.new_zeros((0, *p.shape[1:])), p.shape, check_invariants=False)
             g = g.coalesce()
             indices = gather_rows(g.indices().t().contiguous()).t()
             values = gather_rows(g.values())
-            p.grad = torch.sparse_coo_tensor(indices, values / self.world_size, p.shape).coalesce()
+            p.grad = torch.sparse_coo_tensor(indices, values / self.world_size, p.shape, check_invariants=False).coalesce()
 
     def batches(self, data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Batch, int]]:
         return shard_batches(data, batch_size, rank=self.rank, world_size=self.world_size, generator=generator)
