@@ -227,8 +227,15 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     model = build_model(run.model.spec, table, data.num_dense)
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in table.parameters())
     cfg = TrainConfig(**{**suite.train, "seed": run.seed, "device": device, "progress": progress})
-    result = train(model, data, cfg)
-    report = table.memory_report()
+    staged = {}
+    if getattr(table, "trains_in_stages", False):
+        # One method, several training stages; the table it reports is the one it exports.
+        fit = table.fit_staged(model, data, cfg)
+        result, report = fit.result, fit.table.memory_report()
+        staged = {"stage_seconds": fit.stages, "stages": fit.details}
+    else:
+        result = train(model, data, cfg)
+        report = table.memory_report()
     return {
         **_run_fields(suite, run), "embedding_dim": dim, "device": device, "model_spec": run.model.spec,
         "dense_parameters": dense_parameters,
@@ -237,7 +244,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
         "test_auc": result.test_auc, "test_logloss": result.test_logloss,
         "val_auc": result.val_auc, "best_epoch": result.best_epoch,
         "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second,
-        "bayes_auc": data.bayes_auc,
+        "bayes_auc": data.bayes_auc, **staged,
     }
 
 

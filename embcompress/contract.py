@@ -76,6 +76,11 @@ class CompressedEmbedding(nn.Module):
     registry_name: ClassVar[str]
     #: True when the method can take raw, unbounded non-negative ids in every field.
     accepts_raw_ids: ClassVar[bool] = False
+    #: True when training-mode outputs are random (like dropout); eval-mode outputs are always deterministic.
+    stochastic_training: ClassVar[bool] = False
+    #: True when the method trains in several stages through ``fit_staged(model, data, cfg)`` and meets its
+    #: budget with the table it exports (OptEmbed), not with the table ``from_budget`` returns.
+    trains_in_stages: ClassVar[bool] = False
 
     def __init__(self, cardinalities: int | Sequence[int], embedding_dim: int) -> None:
         super().__init__()

@@ -1,0 +1,410 @@
+"""``optembed.v1``: OptEmbed — learnable row pruning and per-field dimension search, then a compact export.
+
+Lyu et al., "OptEmbed: Learning Optimal Embedding Table for Click-through Rate Prediction", CIKM 2022.
+
+The table trains in three stages (the pipeline is :func:`embcompress.optembed.run_optembed`; the benchmark
+runner calls it through :meth:`OptEmbed.fit_staged`):
+
+1. **Supernet** (``stage == "supernet"``). Rows live in one fused fp32 table. Each field ``f`` has a learnable
+   threshold ``t_f`` (or one per row, ``threshold="id"``), initialised to 0. A looked-up row ``e_x`` is kept
+   when ``u = ||e_x||_1 - t > 0``; the 0/1 mask passes gradient straight through, scaled by ``2 - 4|u|`` for
+   ``|u| <= 0.4``, ``0.4`` for ``0.4 < |u| <= 1`` and 0 beyond (:class:`RowMaskSTE`). The loss gains
+   ``alpha * sum(exp(-t))`` (:meth:`OptEmbed.regularization_loss`), which pushes thresholds up; thresholds are
+   updated by plain SGD at ``threshold_lr`` (:meth:`OptEmbed.sgd_parameter_groups`). In training, every
+   (sample, field) keeps only its first ``d ~ Uniform{1..D}`` dimensions, so every width is trained.
+2. **Search**: the supernet is evaluated with fixed per-field widths (:meth:`OptEmbed.set_dims`).
+3. **Retrain** (``stage == "retrain"``): :meth:`OptEmbed.freeze` fixes the row mask and the widths; only kept
+   rows, truncated to their field's width, reach the model. Thresholds no longer train.
+
+Pruned rows output zeros, or with ``oov="learned"`` one learned vector per field (truncated like the rows).
+Rows start at ``N(0, init_std**2)``: OptEmbed needs row norms that begin near the thresholds (the paper's code
+gets this from Xavier initialisation of a huge table), because the straight-through gradient is zero for
+``|u| > 1``.
+
+:meth:`OptEmbed.export` returns :class:`OptEmbedExport`, the deployable table: only kept rows, each at its
+field's width, packed into one fp32 vector, and an id-to-row map. The map is a bitmap over all rows (1 bit per
+id) with an int32 count of kept rows before every 64-row block (0.5 bit per id), so a lookup is one rank query:
+``block count + popcount of the bytes before the id in its block``. With ids ranked by frequency the kept set
+is close to a prefix of each field, so a prefix length plus exceptions could be smaller still, but the bitmap's
+1.5 bits per id is already under 0.3% of one 16-wide fp32 row (512 bits) and needs no assumption about order;
+a dense int32 map would cost 32 bits per id.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embcompress.contract import BudgetError, CompressedEmbedding, check_positive_int
+from embcompress.registry import TABLES
+
+__all__ = ["OptEmbed", "OptEmbedExport", "RowMaskSTE", "ste_scale", "THRESHOLD_MODES", "OOV_MODES", "STAGES"]
+
+THRESHOLD_MODES = ("field", "id")
+OOV_MODES = ("zero", "learned")
+STAGES = ("supernet", "retrain")
+BLOCK = 64  # rows per rank-count block of the export's bitmap
+
+
+def ste_scale(u: torch.Tensor) -> torch.Tensor:
+    """OptEmbed's straight-through gradient factor: ``2 - 4|u|`` for ``|u| <= 0.4``, ``0.4`` up to 1, else 0."""
+    a = u.abs()
+    return torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
+
+
+class RowMaskSTE(torch.autograd.Function):
+    """``1[u > 0]`` forward; backward multiplies the incoming gradient by :func:`ste_scale` of ``u``."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u)
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (u,) = ctx.saved_tensors
+        return grad * ste_scale(u)
+
+
+def _check_float(name: str, value, *, positive: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _dim_mask(widths: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[..., D]`` 0/1 mask keeping the first ``widths[...]`` dimensions."""
+    return (torch.arange(dim, device=widths.device) < widths.unsqueeze(-1)).to(torch.float32)
+
+
+@TABLES.register("optembed.v1")
+class OptEmbed(CompressedEmbedding):
+    """The OptEmbed supernet (and, after :meth:`freeze`, the retraining table).
+
+    Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``; ids of field ``f`` in ``[0, n_f)``.
+
+    Args:
+        threshold: ``"field"`` (one threshold per field, as in the paper) or ``"id"`` (one per row).
+        threshold_lr: plain-SGD learning rate of the thresholds.
+        alpha: weight of the threshold regulariser ``alpha * sum(exp(-t))``.
+        oov: what a pruned row outputs: ``"zero"`` or a ``"learned"`` vector per field.
+        init_std: standard deviation of the initial rows.
+        sparse: sparse row gradients (SparseAdam / sparse Adagrad update only the rows a batch touched).
+        budget_bytes: the export's memory budget, used by the dimension search (``None``: no budget).
+
+    The remaining arguments configure the pipeline (:func:`embcompress.optembed.run_optembed`): evolution
+    (``population``, ``keep``, ``mutations``, ``crossovers``, ``generations``, ``mutate_prob``,
+    ``search_rows``), ``rewind`` (retrain from the weights at the start of supernet training), ``retrain_epochs``
+    (``None``: the suite's epochs).
+
+    >>> import torch
+    >>> t = OptEmbed([10, 3], 4)
+    >>> t(torch.tensor([[9, 2], [0, 0]])).shape
+    torch.Size([2, 2, 4])
+    >>> _ = t.eval().set_dims([2, 4])   # the supernet evaluated with widths 2 and 4
+    >>> bool(t(torch.tensor([[9, 2]]))[0, 0, 2:].eq(0).all())
+    True
+    """
+
+    trains_in_stages: ClassVar[bool] = True
+    stochastic_training: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        cardinalities: int | Sequence[int],
+        embedding_dim: int,
+        *,
+        threshold: str = "field",
+        threshold_lr: float = 1e-2,
+        alpha: float = 1e-2,
+        oov: str = "zero",
+        init_std: float = 1e-2,
+        sparse: bool = False,
+        budget_bytes: float | None = None,
+        population: int = 20,
+        keep: int = 10,
+        mutations: int = 10,
+        crossovers: int = 10,
+        generations: int = 30,
+        mutate_prob: float = 0.1,
+        search_rows: int | None = 50_000,
+        rewind: bool = True,
+        retrain_epochs: int | None = None,
+    ) -> None:
+        super().__init__(cardinalities, embedding_dim)
+        self.threshold_mode = _check_choice("threshold", threshold, THRESHOLD_MODES)
+        self.oov_mode = _check_choice("oov", oov, OOV_MODES)
+        self.threshold_lr = _check_float("threshold_lr", threshold_lr)
+        self.alpha = _check_float("alpha", alpha, positive=False)
+        self.init_std = _check_float("init_std", init_std)
+        self.sparse = bool(sparse)
+        self.budget_bytes = None if budget_bytes is None else self._check_budget(budget_bytes)
+        self.search = {
+            "population": check_positive_int("population", population),
+            "keep": check_positive_int("keep", keep),
+            "mutations": int(mutations),
+            "crossovers": int(crossovers),
+            "generations": int(generations),
+            "mutate_prob": float(mutate_prob),
+            "search_rows": None if search_rows is None else check_positive_int("search_rows", search_rows),
+        }
+        for name in ("mutations", "crossovers", "generations"):
+            if self.search[name] < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {self.search[name]!r}")
+        if not 0 <= self.search["mutate_prob"] <= 1:
+            raise ValueError(f"mutate_prob must be in [0, 1], got {mutate_prob!r}")
+        self.rewind = bool(rewind)
+        self.retrain_epochs = None if retrain_epochs is None else check_positive_int("retrain_epochs", retrain_epochs)
+
+        rows = sum(self.cardinalities)
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim).normal_(0.0, self.init_std))
+        self.threshold = nn.Parameter(torch.zeros(self.num_fields if threshold == "field" else rows))
+        self.oov = nn.Parameter(torch.zeros(self.num_fields, embedding_dim)) if oov == "learned" else None
+        offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
+        # Stage state, in the state_dict: 0 = supernet, 1 = retrain; the fixed row mask and per-field widths.
+        self.register_buffer("stage_code", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("row_mask", torch.ones(rows, dtype=torch.bool))
+        self.register_buffer("dims", torch.full((self.num_fields,), embedding_dim, dtype=torch.int64))
+
+    # ------------------------------------------------------------------------------------------------ stages
+    @property
+    def stage(self) -> str:
+        return STAGES[int(self.stage_code)]
+
+    def set_dims(self, dims: Sequence[int] | torch.Tensor) -> "OptEmbed":
+        """Fix the width of each field for evaluation (and for retraining once frozen)."""
+        dims = torch.as_tensor(list(dims) if not isinstance(dims, torch.Tensor) else dims, dtype=torch.int64)
+        if dims.shape != (self.num_fields,):
+            raise ValueError(f"dims must hold one width per field ({self.num_fields}), got shape {list(dims.shape)}")
+        if bool(((dims < 1) | (dims > self.embedding_dim)).any()):
+            raise ValueError(f"dims must lie in [1, {self.embedding_dim}], got {dims.tolist()}")
+        self.dims.copy_(dims.to(self.dims.device))
+        return self
+
+    @torch.no_grad()
+    def current_row_mask(self) -> torch.Tensor:
+        """``BoolTensor[sum(n_f)]``: the rows the thresholds keep now (``||e||_1 > t``)."""
+        if self.stage == "retrain":
+            return self.row_mask.clone()
+        return self.weight.abs().sum(-1) - self._row_thresholds() > 0
+
+    def _row_thresholds(self) -> torch.Tensor:
+        if self.threshold_mode == "id":
+            return self.threshold
+        return torch.repeat_interleave(self.threshold, torch.tensor(self.cardinalities, device=self.weight.device))
+
+    @torch.no_grad()
+    def freeze(self, dims: Sequence[int] | torch.Tensor, row_mask: torch.Tensor | None = None) -> "OptEmbed":
+        """Enter the retrain stage: fix the row mask (default: the thresholds' current one) and the widths."""
+        mask = self.current_row_mask() if row_mask is None else row_mask.to(torch.bool)
+        if mask.shape != self.row_mask.shape:
+            raise ValueError(f"row_mask must have shape {list(self.row_mask.shape)}, got {list(mask.shape)}")
+        self.set_dims(dims)
+        self.row_mask.copy_(mask)
+        self.stage_code.fill_(1)
+        self.threshold.requires_grad_(False)
+        return self
+
+    def kept_per_field(self, row_mask: torch.Tensor | None = None) -> list[int]:
+        """Kept rows of each field under ``row_mask`` (default: :meth:`current_row_mask`)."""
+        mask = self.current_row_mask() if row_mask is None else row_mask
+        bounds = list(itertools.accumulate(self.cardinalities, initial=0))
+        return [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        rows = ids + self.offsets[fields]
+        e = F.embedding(rows, self.weight, sparse=self.sparse)
+        if self.stage == "supernet":
+            t = self.threshold[rows] if self.threshold_mode == "id" else self.threshold[fields].expand_as(rows)
+            keep = RowMaskSTE.apply(e.abs().sum(-1) - t)
+            if self.training:
+                widths = torch.randint(1, self.embedding_dim + 1, rows.shape, device=rows.device)
+            else:
+                widths = self.dims[fields].expand_as(rows)
+        else:
+            keep = self.row_mask[rows].to(e.dtype)
+            widths = self.dims[fields].expand_as(rows)
+        out = e * keep.unsqueeze(-1)
+        if self.oov is not None:
+            out = out + (1 - keep).unsqueeze(-1) * self.oov[fields].expand(*rows.shape, -1)
+        return out * _dim_mask(widths, self.embedding_dim)
+
+    # ------------------------------------------------------------------------------------------ training hooks
+    def regularization_loss(self) -> torch.Tensor | None:
+        if self.stage != "supernet" or self.alpha == 0:
+            return None
+        return self.alpha * torch.exp(-self.threshold).sum()
+
+    def sgd_parameter_groups(self) -> list[dict]:
+        return [{"params": [self.threshold], "lr": self.threshold_lr}] if self.stage == "supernet" else []
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.weight] if self.sparse else []
+
+    # -------------------------------------------------------------------------------------------- budget/export
+    @classmethod
+    def from_budget(cls, cardinalities, embedding_dim, *, budget_bytes: int, **options):
+        """The supernet stores every row; the budget is met by the export, through the dimension search.
+
+        Raises :class:`BudgetError` when even an export that keeps no row (the id map alone) is over budget.
+        """
+        budget = cls._check_budget(budget_bytes)
+        cards = [cardinalities] if isinstance(cardinalities, int) else list(cardinalities)
+        floor = OptEmbedExport.storage_bytes(cards, embedding_dim, [0] * len(cards), [1] * len(cards),
+                                             learned_oov=options.get("oov") == "learned")
+        if floor > budget:
+            raise BudgetError(f"optembed.v1: the export's id map alone needs {floor:,} bytes, over the budget of "
+                              f"{budget:,} bytes (minimum budget {floor:,})")
+        return cls(cardinalities, embedding_dim, budget_bytes=budget, **options)
+
+    def export_bytes(self, dims: Sequence[int], kept: Sequence[int] | None = None) -> int:
+        """Exact bytes :meth:`export` stores with these widths and kept rows per field (see :class:`OptEmbedExport`)."""
+        kept = self.kept_per_field() if kept is None else kept
+        return OptEmbedExport.storage_bytes(self.cardinalities, self.embedding_dim, kept, dims,
+                                            learned_oov=self.oov is not None)
+
+    def min_export_bytes(self, kept: Sequence[int] | None = None) -> int:
+        return self.export_bytes([1] * self.num_fields, kept)
+
+    @torch.no_grad()
+    def export(self) -> "OptEmbedExport":
+        """The compact inference table; it outputs exactly what this table outputs in eval mode."""
+        mask = self.current_row_mask()
+        return OptEmbedExport.from_rows(
+            self.cardinalities, self.embedding_dim, self.weight.detach(), mask, self.dims.tolist(),
+            oov=None if self.oov is None else self.oov.detach(), field_names=self.field_names,
+        )
+
+    def fit_staged(self, model: nn.Module, data, cfg):
+        """Run supernet training, search, retraining and export on ``model`` (which holds this table)."""
+        from embcompress.optembed import run_optembed
+
+        return run_optembed(model, self, data, cfg)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold_mode!r}, "
+                f"oov={self.oov_mode!r}, budget_bytes={self.budget_bytes}")
+
+
+def _from_budget_signature() -> inspect.Signature:
+    # from_budget takes every constructor option by keyword; spec checking reads this signature.
+    params = list(inspect.signature(OptEmbed.__init__).parameters.values())
+    params[0] = params[0].replace(name="cls")
+    params = [p.replace(default=p.empty) if p.name == "budget_bytes" else p for p in params]
+    return inspect.Signature(params)
+
+
+OptEmbed.from_budget.__func__.__signature__ = _from_budget_signature()
+
+
+class OptEmbedExport(CompressedEmbedding):
+    """Deployable OptEmbed table: kept rows only, each at its field's width, and a bitmap id-to-row map.
+
+    Stored tensors: ``values`` fp32 ``[sum_f kept_f * d_f]``; ``bitmap`` uint8 ``[8 * ceil(N / 64)]`` (bit ``r`` of
+    the fused row space ``id + offset_f`` set when the row is kept); ``block_rank`` int32 ``[ceil(N / 64)]``
+    (kept rows before each 64-row block); ``popcount`` uint8 ``[256]``; int64 ``[F]`` ``offsets``, ``dims`` and
+    ``base`` (where field ``f``'s rows start in ``values``, less ``rank_start_f * d_f``); with a learned OOV
+    vector, ``oov`` fp32 ``[F, D]``. Output widths beyond ``d_f`` are zeros.
+
+    Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``.
+    """
+
+    registry_name: ClassVar[str] = "optembed.v1 (export)"
+
+    def __init__(self, cardinalities: int | Sequence[int], embedding_dim: int, *, kept: Sequence[int] | None = None,
+                 dims: Sequence[int] | None = None, learned_oov: bool = False) -> None:
+        super().__init__(cardinalities, embedding_dim)
+        kept = list(self.cardinalities) if kept is None else [int(k) for k in kept]
+        dims = [embedding_dim] * self.num_fields if dims is None else [int(d) for d in dims]
+        rows = sum(self.cardinalities)
+        blocks = -(-rows // BLOCK)
+        self.register_buffer("values", torch.zeros(sum(k * d for k, d in zip(kept, dims))))
+        self.register_buffer("bitmap", torch.zeros(blocks * BLOCK // 8, dtype=torch.uint8))
+        self.register_buffer("block_rank", torch.zeros(blocks, dtype=torch.int32))
+        self.register_buffer("popcount", torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8))
+        offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
+        self.register_buffer("dims", torch.tensor(dims, dtype=torch.int64))
+        starts = list(itertools.accumulate((k * d for k, d in zip(kept, dims)), initial=0))[:-1]
+        rank_starts = list(itertools.accumulate(kept, initial=0))[:-1]
+        self.register_buffer("base", torch.tensor([s - r * d for s, r, d in zip(starts, rank_starts, dims)],
+                                                  dtype=torch.int64))
+        self.register_buffer("oov", torch.zeros(self.num_fields, embedding_dim) if learned_oov else None)
+
+    @staticmethod
+    def storage_bytes(cardinalities: Sequence[int], embedding_dim: int, kept: Sequence[int], dims: Sequence[int],
+                      *, learned_oov: bool = False) -> int:
+        """Bytes of an export with these kept rows and widths, from the layout in the class docstring."""
+        blocks = -(-sum(cardinalities) // BLOCK)
+        num_fields = len(cardinalities)
+        return (4 * sum(int(k) * int(d) for k, d in zip(kept, dims)) + blocks * BLOCK // 8 + 4 * blocks + 256
+                + 3 * 8 * num_fields + (4 * num_fields * embedding_dim if learned_oov else 0))
+
+    @classmethod
+    @torch.no_grad()
+    def from_rows(cls, cardinalities, embedding_dim: int, weight: torch.Tensor, row_mask: torch.Tensor,
+                  dims: Sequence[int], *, oov: torch.Tensor | None = None, field_names=None) -> "OptEmbedExport":
+        """Pack the kept rows of a fused ``[sum(n_f), D]`` table, field ``f`` truncated to ``dims[f]``."""
+        cards = list(cardinalities) if not isinstance(cardinalities, int) else [cardinalities]
+        bounds = list(itertools.accumulate(cards, initial=0))
+        mask = row_mask.to(torch.bool).cpu()
+        kept = [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        table = cls(cardinalities, embedding_dim, kept=kept, dims=dims, learned_oov=oov is not None)
+        weight = weight.detach().cpu()
+        table.values.copy_(torch.cat([weight[a:b][mask[a:b], :d].reshape(-1)
+                                      for a, b, d in zip(bounds[:-1], bounds[1:], dims)]))
+        padded = torch.zeros(table.block_rank.numel() * BLOCK, dtype=torch.bool)
+        padded[: mask.numel()] = mask
+        bits = padded.view(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)
+        table.bitmap.copy_(bits.sum(-1).to(torch.uint8))
+        per_block = padded.view(-1, BLOCK).sum(-1)
+        table.block_rank.copy_((torch.cumsum(per_block, 0) - per_block).to(torch.int32))
+        if oov is not None:
+            table.oov.copy_(oov)
+        if field_names is not None:
+            table.set_field_names(field_names)
+        return table
+
+    def _rank(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept flag, number of kept rows before ``rows``) from the bitmap."""
+        byte, bit = rows >> 3, rows & 7
+        block = rows // BLOCK
+        block_bytes = self.bitmap[(block * (BLOCK // 8)).unsqueeze(-1) + torch.arange(BLOCK // 8, device=rows.device)]
+        before = torch.arange(BLOCK // 8, device=rows.device) < ((rows % BLOCK) >> 3).unsqueeze(-1)
+        full = (self.popcount[block_bytes.long()].long() * before).sum(-1)
+        own = self.bitmap[byte].long()
+        partial = self.popcount[(own & ((1 << bit) - 1))].long()
+        return ((own >> bit) & 1).bool(), self.block_rank[block].long() + full + partial
+
+    def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        fields = fields.expand_as(ids)
+        rows = ids + self.offsets[fields]
+        kept, rank = self._rank(rows)
+        width = self.dims[fields]
+        cols = torch.arange(self.embedding_dim, device=ids.device)
+        valid = (cols < width.unsqueeze(-1)) & kept.unsqueeze(-1)
+        index = (self.base[fields] + rank * width).unsqueeze(-1) + cols
+        out = torch.where(valid, self.values[index.clamp(0, max(self.values.numel() - 1, 0))] if self.values.numel()
+                          else torch.zeros(index.shape, device=ids.device), torch.zeros((), device=ids.device))
+        if self.oov is not None:
+            fill = self.oov[fields] * (cols < width.unsqueeze(-1))
+            out = out + (~kept).unsqueeze(-1) * fill
+        return out
+
+    @classmethod
+    def from_budget(cls, cardinalities, embedding_dim, *, budget_bytes: int):
+        raise BudgetError("an OptEmbed export is made by the OptEmbed pipeline and cannot compress on its own")
