@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_speed.add_argument("suite", nargs="?", help="speed suite YAML (default: benchmarks/speed.yaml)")
     p_speed.set_defaults(func=cmd_bench_speed)
 
-    p_data = sub.add_parser("data", help="prepare data sets: criteo")
+    p_data = sub.add_parser("data", help="prepare data sets: criteo, csv")
     data = p_data.add_subparsers(dest="data_command", required=True)
     p_criteo = data.add_parser("criteo", help="Criteo TSV (plain or .gz) -> memory-mapped .npy arrays + manifest")
     p_criteo.add_argument("inputs", nargs="+", metavar="INPUT", help="Criteo TSV file(s), read in this order")
@@ -144,7 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_criteo.add_argument("--block-rows", type=int, default=500_000, help="about this many lines per block")
     p_criteo.add_argument("--quiet", action="store_true", help="no progress lines")
     p_criteo.set_defaults(func=cmd_data_criteo)
+    p_csv = data.add_parser("csv", help="any CSV/TSV through a YAML spec -> the same arrays + manifest as criteo")
+    p_csv.add_argument("spec", help="YAML spec (see embcompress.csvdata): files, label, categorical, dense, split")
+    p_csv.add_argument("--out", required=True, help="output folder")
+    p_csv.add_argument("--block-rows", type=int, default=500_000, help="about this many lines per block")
+    p_csv.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_csv.set_defaults(func=cmd_data_csv)
     return parser
+
+
+def cmd_data_csv(args: argparse.Namespace) -> int:
+    from .csvdata import prepare_csv
+
+    m = prepare_csv(args.spec, args.out, block_rows=args.block_rows, progress=not args.quiet)
+    print(f"{m['name']}: {m['rows']:,} rows ({m['skipped']['total']:,} bad lines skipped) in {m['seconds']:.1f} s "
+          f"-> {args.out}")
+    print(f"splits: {m['splits']}\ncardinalities: {dict(zip(m['schema']['sparse'], m['cardinalities']))}")
+    return 0
 
 
 def cmd_data_criteo(args: argparse.Namespace) -> int:
