@@ -227,7 +227,7 @@ def run_optembed(model: nn.Module, table, data: CTRData, cfg: TrainConfig) -> St
         raise RuntimeError(f"OptEmbed export differs from the retrained model by up to "
                            f"{float(np.abs(before - after).max()):.3g} on validation rows")
     stages["export"] = time.perf_counter() - start
-    auc, logloss = evaluate(model, data.split("test"), batch_size=cfg.eval_batch_size, device=cfg.device)
+    auc, _ = evaluate(model, data.split("test"), batch_size=cfg.eval_batch_size, device=cfg.device)
     if not (auc == result.test_auc or (math.isnan(auc) and math.isnan(result.test_auc))):
         raise RuntimeError(f"exported model's test AUC {auc} differs from the retrained model's {result.test_auc}")
     details = {

@@ -406,5 +406,17 @@ class OptEmbedExport(CompressedEmbedding):
         return out
 
     @classmethod
+    def from_state_dict(cls, state: dict, cardinalities, embedding_dim: int) -> "OptEmbedExport":
+        """Rebuild a saved export (its sizes are read from the saved widths and bitmap)."""
+        cards = [cardinalities] if isinstance(cardinalities, int) else list(cardinalities)
+        bits = ((state["bitmap"].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1).bool()
+        bounds = list(itertools.accumulate(cards, initial=0))
+        kept = [int(bits[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        table = cls(cardinalities, embedding_dim, kept=kept, dims=state["dims"].tolist(),
+                    learned_oov=state.get("oov") is not None)
+        table.load_state_dict(state)
+        return table
+
+    @classmethod
     def from_budget(cls, cardinalities, embedding_dim, *, budget_bytes: int):
         raise BudgetError("an OptEmbed export is made by the OptEmbed pipeline and cannot compress on its own")

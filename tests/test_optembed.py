@@ -1,0 +1,313 @@
+"""OptEmbed: the straight-through mask, the regulariser, the budgeted search, retraining and the compact export."""
+
+import io
+import random
+
+import pytest
+import torch
+import yaml
+
+from embcompress.bench import load_suite, run_suite
+from embcompress.contract import BudgetError
+from embcompress.memory import baseline_bytes
+from embcompress.optembed import SearchConfig, evolutionary_search, replace_table, run_optembed
+from embcompress.registry import build_model, build_table
+from embcompress.synthetic import SyntheticConfig, make_synthetic
+from embcompress.tables.optembed import OptEmbed, OptEmbedExport, RowMaskSTE
+from embcompress.training import TrainConfig, predict
+
+CARDS = [50, 7, 300, 3]
+
+
+def ids_for(cards, batch=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, n, (batch,), generator=g) for n in cards], dim=1)
+
+
+# ------------------------------------------------------------------------------------------- supernet pieces
+@pytest.mark.parametrize(
+    ("u", "scale"),
+    [(-2.0, 0.0), (-1.01, 0.0), (-1.0, 0.4), (-0.7, 0.4), (-0.41, 0.4), (-0.4, 0.4), (-0.25, 1.0), (0.0, 2.0),
+     (0.1, 1.6), (0.3, 0.8), (0.4, 0.4), (0.5, 0.4), (1.0, 0.4), (1.01, 0.0), (3.0, 0.0)],
+)
+def test_straight_through_gradient_is_the_piecewise_formula(u, scale):
+    x = torch.tensor([u], dtype=torch.float64, requires_grad=True)
+    out = RowMaskSTE.apply(x)
+    assert out.item() == (1.0 if u > 0 else 0.0)
+    out.backward(torch.tensor([3.0], dtype=torch.float64))
+    assert x.grad.item() == pytest.approx(3.0 * scale, abs=1e-12)
+
+
+def test_threshold_gradient_flows_through_the_mask_of_looked_up_rows():
+    table = OptEmbed(4, 2, init_std=0.1)
+    with torch.no_grad():
+        table.weight.copy_(torch.tensor([[0.1, 0.1], [0.3, -0.2], [2.0, 0.0], [0.05, 0.0]]))
+    out = table.eval()(torch.tensor([0, 1, 2]))
+    out.sum().backward()
+    # d out.sum() / d t = -sum_rows (sum of the row) * scale(||e||_1 - t): rows 0, 1 in the window, row 2 beyond 1
+    expected = -(0.2 * (2 - 4 * 0.2) + 0.1 * 0.4 + 2.0 * 0.0)
+    assert table.threshold.grad.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_regulariser_gradient_pushes_thresholds_up():
+    table = OptEmbed(CARDS, 8, alpha=0.5, threshold_lr=0.1)
+    reg = table.regularization_loss()
+    assert reg.item() == pytest.approx(0.5 * len(CARDS))  # alpha * sum(exp(-0)) at t = 0
+    reg.backward()
+    assert bool((table.threshold.grad < 0).all())
+    opt = torch.optim.SGD(table.sgd_parameter_groups())
+    opt.step()
+    torch.testing.assert_close(table.threshold.detach(), torch.full((len(CARDS),), 0.05))
+
+
+def test_training_loop_updates_thresholds_with_their_own_sgd_rate():
+    data = make_synthetic(SyntheticConfig(rows=6000, seed=3))
+    torch.manual_seed(0)
+    table = build_table({"type": "optembed.v1", "threshold_lr": 0.5, "alpha": 0.1}, data.cardinalities, 8)
+    model = build_model({"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [8]}, table, data.num_dense)
+    from embcompress.training import train
+
+    train(model, data, TrainConfig(epochs=1, batch_size=500, progress=False))
+    assert bool((table.threshold > 0).all()), table.threshold
+
+
+def test_training_mode_samples_every_width_and_eval_uses_the_set_widths():
+    table = OptEmbed(5, 4)
+    with torch.no_grad():
+        table.weight.fill_(1.0)
+    torch.manual_seed(0)
+    widths = table.train()(torch.zeros(4000, dtype=torch.long)).ne(0).sum(-1)
+    counts = torch.bincount(widths, minlength=5)
+    assert counts[0] == 0 and bool((counts[1:] > 850).all()), counts  # Uniform{1..4}: ~1000 each
+    table.eval().set_dims([3])
+    assert table(torch.tensor([1, 2])).ne(0).sum(-1).tolist() == [3, 3]
+
+
+def test_pruned_rows_output_zero_or_the_learned_field_vector():
+    for oov in ("zero", "learned"):
+        table = OptEmbed([3, 2], 2, oov=oov).eval()
+        with torch.no_grad():
+            table.weight.copy_(torch.tensor([[1.0, 1.0], [0.01, 0.0], [1.0, 0.0], [0.0, 0.01], [2.0, 2.0]]))
+            table.threshold.fill_(0.5)
+            if oov == "learned":
+                table.oov.copy_(torch.tensor([[7.0, 8.0], [9.0, 10.0]]))
+        out = table(torch.tensor([[1, 0], [0, 1]]))
+        fill = [[0.0, 0.0], [0.0, 0.0]] if oov == "zero" else [[7.0, 8.0], [9.0, 10.0]]
+        torch.testing.assert_close(out[0, 0], torch.tensor(fill[0]))  # field 0 row 1: pruned
+        torch.testing.assert_close(out[0, 1], torch.tensor(fill[1]))  # field 1 row 0: pruned
+        torch.testing.assert_close(out[1, 1], torch.tensor([2.0, 2.0]))
+
+
+def test_bad_options_name_the_value():
+    with pytest.raises(ValueError, match="threshold must be one of"):
+        OptEmbed(CARDS, 4, threshold="row")
+    with pytest.raises(ValueError, match="threshold_lr must be a positive number, got 0"):
+        OptEmbed(CARDS, 4, threshold_lr=0)
+    with pytest.raises(ValueError, match=r"dims must lie in \[1, 4\]"):
+        OptEmbed(CARDS, 4).set_dims([1, 2, 5, 1])
+    with pytest.raises(ValueError, match="one width per field"):
+        OptEmbed(CARDS, 4).set_dims([1, 2])
+
+
+# ----------------------------------------------------------------------------------------------- the search
+def _problem(seed: int, num_fields: int = 8, max_dim: int = 16):
+    rng = random.Random(seed)
+    kept = [rng.randint(1, 500) for _ in range(num_fields)]
+    value = [rng.random() for _ in range(num_fields)]
+
+    def size(c):
+        return 100 + 4 * sum(k * d for k, d in zip(kept, c))
+
+    def fitness(c):
+        return sum(v * (1 - 0.8 ** d) for v, d in zip(value, c))
+
+    return kept, size, fitness
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_evolution_never_evaluates_or_returns_a_candidate_over_budget(seed):
+    kept, size, fitness = _problem(seed)
+    budget = size([1] * 8) + random.Random(seed).randint(0, 4 * sum(kept) * 6)
+    seen = []
+
+    def tracked(c):
+        seen.append(c)
+        return fitness(c)
+
+    res = evolutionary_search(8, 16, tracked, size, budget_bytes=budget, weights=kept,
+                              cfg=SearchConfig(generations=8, seed=seed))
+    assert res.bytes == size(res.best) <= budget
+    assert seen and all(size(c) <= budget for c in seen)
+    assert all(1 <= d <= 16 for c in seen for d in c)
+    assert res.fitness == max(fitness(c) for c in seen)
+    assert res.evaluations == len(set(seen)) == len(seen)  # each candidate is scored once
+
+
+def test_evolution_is_deterministic_with_a_seed_and_improves_on_its_start():
+    kept, size, fitness = _problem(11)
+    budget = size([6] * 8)
+    runs = [evolutionary_search(8, 16, fitness, size, budget_bytes=budget, weights=kept,
+                                cfg=SearchConfig(generations=10, seed=s)) for s in (4, 4, 5)]
+    assert runs[0].best == runs[1].best and runs[0].history == runs[1].history
+    assert runs[0].history != runs[2].history
+    assert runs[0].history[-1]["fitness"] > runs[0].history[0]["fitness"]
+
+
+def test_evolution_without_budget_and_impossible_budget():
+    kept, size, fitness = _problem(2)
+    res = evolutionary_search(8, 16, fitness, size, cfg=SearchConfig(generations=30, seed=0))
+    assert sum(res.best) >= 8 * 12  # fitness grows with every width, so the search climbs towards 16
+    with pytest.raises(BudgetError, match="minimum budget"):
+        evolutionary_search(8, 16, fitness, size, budget_bytes=size([1] * 8) - 1)
+
+
+def test_crossover_mixes_parents_over_the_fields():
+    # Two fields whose fitness needs one parent's first field and the other's second: only a crossover point
+    # between the fields (drawn over the field count) can make the best child.
+    def fitness(c):
+        return float(c == (16, 16))
+
+    cfg = SearchConfig(population=2, keep=2, mutations=0, crossovers=4, generations=3, seed=0)
+    calls = []
+    res = evolutionary_search(2, 16, lambda c: calls.append(c) or fitness(c), lambda c: 0, cfg=cfg)
+    parents = calls[:2]
+    assert all(c in {(p[0][0], p[1][1]) for p in (parents, parents[::-1])} | set(parents) for c in calls[2:])
+    assert res.best in set(calls)
+
+
+# ---------------------------------------------------------------------------------------- retrain & export
+def _frozen_table(oov="zero", seed=0):
+    torch.manual_seed(seed)
+    table = OptEmbed(CARDS, 8, init_std=0.3, oov=oov)
+    with torch.no_grad():
+        table.threshold.copy_(torch.tensor([1.5, 0.5, 2.0, 0.1]))
+        if table.oov is not None:
+            table.oov.normal_()
+    table.freeze([3, 8, 1, 5])
+    return table.eval()
+
+
+@pytest.mark.parametrize("oov", ["zero", "learned"])
+def test_export_equals_the_retrained_table_and_model(oov):
+    table = _frozen_table(oov)
+    kept = table.kept_per_field()
+    assert 0 < sum(kept) < sum(CARDS)
+    ids = ids_for(CARDS, 1000, seed=1)
+    export = table.export()
+    assert torch.equal(export(ids), table(ids))
+    assert export.memory_report().total_bytes == table.export_bytes([3, 8, 1, 5])
+    model = build_model({"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [8]}, table, 3).eval()
+    from embcompress.data import Batch
+
+    batch = Batch(torch.rand(1000, 3), ids, torch.zeros(1000))
+    before = predict(model, batch)
+    replace_table(model, table, export)
+    assert model.embeddings is export
+    assert (before == predict(model, batch)).all()
+
+
+def test_export_memory_report_equals_a_hand_count():
+    table = OptEmbed([10, 3, 7], 4).eval()
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[[0, 1, 2, 5, 10, 13, 14, 19]] = True  # kept: 4 in field 0, 1 in field 1, 3 in field 2
+    table.freeze([2, 4, 1], mask)
+    export = table.export()
+    # values 4*2 + 1*4 + 3*1 fp32; bitmap: one 64-row block = 8 uint8; block counts 1 int32; popcount table
+    # 256 uint8; int64 offsets, widths and bases for 3 fields
+    expected = (4 * 2 + 1 * 4 + 3 * 1) * 4 + 8 + 4 + 256 + 3 * 3 * 8
+    assert export.memory_report().total_bytes == expected == table.export_bytes([2, 4, 1])
+    assert export.memory_report().parameter_bytes == 0  # an inference table: buffers only
+
+
+def test_export_rank_map_across_many_blocks():
+    cards = [1000, 130, 70]
+    torch.manual_seed(0)
+    mask = torch.rand(sum(cards)) < 0.3
+    weight = torch.randn(sum(cards), 6)
+    export = OptEmbedExport.from_rows(cards, 6, weight, mask, [6, 2, 4])
+    rows = torch.arange(sum(cards))
+    kept, rank = export._rank(rows)
+    assert torch.equal(kept, mask)
+    assert torch.equal(rank, torch.cumsum(mask.long(), 0) - mask.long())
+
+
+def test_every_stage_survives_a_state_dict_round_trip():
+    ids = ids_for(CARDS)
+    supernet = OptEmbed(CARDS, 8, threshold="id", oov="learned").eval()
+    with torch.no_grad():
+        supernet.threshold.uniform_(0, 0.1)
+        supernet.set_dims([2, 3, 4, 5])
+    other = OptEmbed(CARDS, 8, threshold="id", oov="learned").eval()
+    other.load_state_dict(supernet.state_dict())
+    assert torch.equal(other.threshold, supernet.threshold) and other.dims.tolist() == [2, 3, 4, 5]
+    assert torch.equal(other(ids), supernet(ids))
+
+    frozen = _frozen_table("learned")
+    buf = io.BytesIO()
+    torch.save(frozen.state_dict(), buf)
+    buf.seek(0)
+    fresh = OptEmbed(CARDS, 8, oov="learned").eval()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.stage == "retrain" and torch.equal(fresh.row_mask, frozen.row_mask)
+    assert torch.equal(fresh(ids), frozen(ids))
+
+    export = frozen.export()
+    buf = io.BytesIO()
+    torch.save(export.state_dict(), buf)
+    buf.seek(0)
+    loaded = OptEmbedExport.from_state_dict(torch.load(buf, weights_only=True), CARDS, 8)
+    assert torch.equal(loaded(ids), export(ids))
+
+
+def test_budget_floor_is_the_id_map():
+    with pytest.raises(BudgetError, match="minimum budget"):
+        OptEmbed.from_budget([10**6], 16, budget_bytes=1000)
+
+
+# ------------------------------------------------------------------------------------------- the pipeline
+@pytest.fixture(scope="module")
+def small_data():
+    return make_synthetic(SyntheticConfig(rows=12000, seed=5))
+
+
+def test_pipeline_lands_under_budget_and_exports_the_retrained_model(small_data):
+    data = small_data
+    budget = baseline_bytes(data.cardinalities, 8) / 8
+    torch.manual_seed(0)
+    table = build_table({"type": "optembed.v1", "budget_bytes": budget, "threshold_lr": 1.0, "generations": 2,
+                         "search_rows": 800}, data.cardinalities, 8)
+    model = build_model({"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [8]}, table, data.num_dense)
+    fit = run_optembed(model, table, data, TrainConfig(epochs=2, batch_size=256, lr=0.01, progress=False))
+    assert isinstance(fit.table, OptEmbedExport) and model.embeddings is fit.table
+    assert fit.table.memory_report().total_bytes <= budget
+    assert set(fit.stages) == {"supernet", "search", "retrain", "export"}
+    assert fit.details["kept_rows"] < fit.details["total_rows"]
+    assert fit.details["dims"] == fit.table.dims.tolist()
+    assert 0.5 < fit.result.test_auc <= 1
+
+
+def test_the_runner_treats_optembed_as_one_method(tmp_path):
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump({
+        "name": "oe", "data": {"synthetic": {"rows": 6000, "seed": 1}}, "embedding_dim": 8,
+        "model": {"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [8]},
+        "train": {"epochs": 1, "batch_size": 500},
+        "methods": [{"name": "optembed", "compression": [4],
+                     "table": {"type": "optembed.v1", "generations": 1, "search_rows": 500}}],
+    }))
+    records = run_suite(load_suite(suite_file), tmp_path / "out", progress=False)
+    (rec,) = records
+    assert "error" not in rec, rec.get("error")
+    assert rec["bytes"] <= rec["baseline_bytes"] / 4 and rec["ratio"] >= 4
+    assert set(rec["stage_seconds"]) == {"supernet", "search", "retrain", "export"}
+    assert rec["stages"]["kept_rows"] <= rec["stages"]["total_rows"]
+
+
+def test_suite_spec_typos_in_optembed_options_are_caught(tmp_path):
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump({
+        "data": {"synthetic": {"rows": 1000}}, "model": {"type": "lr.v1"},
+        "methods": [{"compression": [4], "table": {"type": "optembed.v1", "generation": 3}}],
+    }))
+    with pytest.raises(ValueError, match="did you mean 'generations'"):
+        load_suite(suite_file)
