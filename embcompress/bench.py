@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -228,6 +229,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in table.parameters())
     cfg = TrainConfig(**{**suite.train, "seed": run.seed, "device": device, "progress": progress})
     staged = {}
+    start = time.perf_counter()
     if getattr(table, "trains_in_stages", False):
         # One method, several training stages; the table it reports is the one it exports.
         fit = table.fit_staged(model, data, cfg)
@@ -236,6 +238,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     else:
         result = train(model, data, cfg)
         report = table.memory_report()
+    wall = time.perf_counter() - start  # every stage with its evaluations, beside train_seconds (steps only)
     return {
         **_run_fields(suite, run), "embedding_dim": dim, "device": device, "model_spec": run.model.spec,
         "dense_parameters": dense_parameters,
@@ -244,7 +247,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
         "test_auc": result.test_auc, "test_logloss": result.test_logloss,
         "val_auc": result.val_auc, "best_epoch": result.best_epoch,
         "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second,
-        "bayes_auc": data.bayes_auc, **staged,
+        "bayes_auc": data.bayes_auc, "wall_seconds": wall, **staged,
     }
 
 
