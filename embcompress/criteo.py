@@ -44,8 +44,9 @@ Pipeline (:func:`prepare_criteo`)
   values; per-field counting and lookups run in a small thread pool.
 * Pass 2 reads the spill back, encodes, and writes with ``numpy.lib.format.open_memmap``:
   ``labels.npy`` float32 ``[N]``, ``dense.npy`` float32 ``[N, 13]`` (``log(1 + max(x, 0))``, missing -> 0),
-  ``sparse.npy`` ``[N, 26]`` in the smallest unsigned dtype holding every id of every field, and
-  ``vocab/C1.npy .. C26.npy`` (int64 codes of the kept values in id order; ``-1`` = ``""``).
+  ``sparse.npy`` ``[N, 26]`` (``[N, 39]`` with ``dense_buckets``) in the smallest unsigned dtype holding every
+  id of every field, and ``vocab/C1.npy .. C26.npy`` (int64 codes of the kept values in id order; ``-1`` =
+  ``""``).
 * ``manifest.json`` is written first with ``complete: false`` (so a killed run is recognisable as this data
   set) and rewritten last, atomically (temp file + ``os.replace``), with ``complete: true``.
 

@@ -514,3 +514,78 @@ def test_folder_prepared_before_the_new_options_can_be_rebuilt(tmp_path):
     assert prepare_criteo(src, tmp_path / "o")["complete"] is True
     with pytest.raises(ValueError, match="another data set"):
         prepare_criteo(src, tmp_path / "o", dense_buckets=True)
+
+
+# ------------------------------------------------------------------------------------ experiment scripts
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "data_scripts").glob("*.sh"))
+
+
+def _run_script(name: str, *args: str, cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(ROOT / "data_scripts" / name), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse_and_are_strict(script):
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    assert not any(tool in text for tool in ("wget ", "curl ")), "the scripts never download"
+    assert "@" not in "".join(line for line in text.splitlines() if line.startswith("#")), "unfilled placeholder"
+
+
+def test_prepare_1tb_script_checks_and_prepares(tmp_path):
+    days = tmp_path / "days"
+    days.mkdir()
+    r = _run_script("prepare_criteo_1tb.sh", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert r.returncode == 1 and "is not a folder" in r.stderr
+    _day_files(days, [2] * 23 + [4])
+    (days / "day_23.gz").unlink()
+    r = _run_script("prepare_criteo_1tb.sh", str(days), str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 1 and "lacks day_23" in r.stderr and "never downloads" in r.stderr
+    (days / "day_23").write_text("".join(_good_line() + "\n" for _ in range(4)))
+    (days / "day_5.gz").write_bytes(b"")
+    r = _run_script("prepare_criteo_1tb.sh", str(days), str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 1 and "both" in r.stderr
+    (days / "day_5.gz").unlink()
+    r = _run_script("prepare_criteo_1tb.sh", str(days), str(tmp_path / "o"), "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(tmp_path / "o")
+    assert m["options"]["split"] == "day" and m["options"]["max_rows_per_field"] == 40_000_000
+    assert m["splits"] == {"train": [0, 46], "test": [46, 48], "val": [48, 50]}
+    assert [s["name"] for s in m["sources"]][:3] == ["day_0", "day_1", "day_2"]  # day order, not glob order
+
+
+def test_grid_script_checks_the_prepared_folder(tmp_path):
+    r = _run_script("run_criteo_kaggle_grid.sh", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert r.returncode == 1 and "no manifest.json" in r.stderr and "never" not in r.stdout
+    prepare_criteo(_write(tmp_path / "a.tsv", [_good_line()] * 3), tmp_path / "o")
+    path = tmp_path / "o" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["complete"] = False
+    path.write_text(json.dumps(m))
+    r = _run_script("run_criteo_kaggle_grid.sh", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 1 and "did not finish" in r.stderr
+
+
+@needs_sample
+def test_grid_suite_loads_on_a_prepared_folder(sample_dir):
+    from embcompress.bench import load_suite
+    from embcompress.registry import list_tables
+
+    suite = load_suite(ROOT / "benchmarks" / "criteo_kaggle_grid.yaml", data_path=sample_dir)
+    assert suite.data == {"criteo": {"path": str(sample_dir)}}
+    assert [m.name for m in suite.models] == ["dlrm", "dcn"] and suite.seeds == (0, 1, 2)
+    assert suite.train["epochs"] == 1 and len(suite.runs()) == 396
+    ratios = {r for m in suite.methods for r in m.compression}
+    assert min(ratios) == 2 and max(ratios) == 1000
+    in_grid = {m.table["type"] for m in suite.methods}
+    assert set(list_tables()) <= in_grid, f"add {set(list_tables()) - in_grid} to criteo_kaggle_grid.yaml"
