@@ -94,7 +94,8 @@ def evolutionary_search(
     floor = tuple([1] * num_fields)
     if budget_bytes is not None and size(floor) > budget_bytes:
         raise BudgetError(f"optembed.v1: the kept rows need {size(floor):,} bytes at width 1 in every field, "
-                          f"over the budget of {budget_bytes:,} bytes (minimum budget {size(floor):,})")
+                          f"over the budget of {budget_bytes:,} bytes (minimum budget {size(floor):,}); prune more "
+                          "rows (a larger threshold_lr or alpha) or allow more bytes")
 
     def repair(c: list[int]) -> Candidate:
         while budget_bytes is not None and size(tuple(c)) > budget_bytes:
