@@ -76,7 +76,8 @@ def main() -> None:
                     best = result
             rows.append((method, label, best))
             print(f"{method:<24} {label:<32} {best['samples_per_second']:>10,.0f} samples/s  "
-                  f"val AUC {best['val_auc']:.4f}  (train {best['train_seconds']:.1f} s, wall {best['wall_seconds']:.1f} s)",
+                  f"val AUC {best['val_auc']:.4f}  (train {best['train_seconds']:.1f} s, "
+                  f"wall {best['wall_seconds']:.1f} s)",
                   flush=True)
 
     lines = [

@@ -212,7 +212,8 @@ class DistContext:
         # batch-norm statistics change in training, so buffers are re-broadcast every step only for them.
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         sig = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-        options: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in sig else "broadcast_buffers": has_bn}
+        sync_key = "forward_sync_buffers" if "forward_sync_buffers" in sig else "broadcast_buffers"  # torch >= 2.13
+        options: dict[str, Any] = {sync_key: has_bn}
         if str(device).startswith("cuda"):
             index = torch.device(device).index
             index = torch.cuda.current_device() if index is None else index
@@ -230,7 +231,8 @@ class DistContext:
             g = g.coalesce()
             indices = gather_rows(g.indices().t().contiguous()).t()
             values = gather_rows(g.values())
-            p.grad = torch.sparse_coo_tensor(indices, values / self.world_size, p.shape, check_invariants=False).coalesce()
+            mean = torch.sparse_coo_tensor(indices, values / self.world_size, p.shape, check_invariants=False)
+            p.grad = mean.coalesce()
 
     def batches(self, data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Batch, int]]:
         return shard_batches(data, batch_size, rank=self.rank, world_size=self.world_size, generator=generator)

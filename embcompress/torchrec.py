@@ -64,7 +64,8 @@ _MODES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
 
 def configs_for(
-    cardinalities: Sequence[int], embedding_dim: int, field_names: Sequence[str], *, pooling: PoolingType = PoolingType.SUM
+    cardinalities: Sequence[int], embedding_dim: int, field_names: Sequence[str], *,
+    pooling: PoolingType = PoolingType.SUM,
 ) -> list[EmbeddingBagConfig]:
     """One ``EmbeddingBagConfig`` per field (table ``t_<name>`` with feature ``<name>``), for a project data set.
 
@@ -209,7 +210,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if self._is_weighted:
             weights = features.weights_or_none()
             if weights is None:
-                raise ValueError("this collection is weighted (is_weighted=True) but the KeyedJaggedTensor has no weights")
+                raise ValueError("this collection is weighted (is_weighted=True) but the KeyedJaggedTensor has "
+                                 "no weights")
         values, lengths = features.values(), features.lengths().view(len(self._feature_names), -1)
         table = self.embeddings
         if self._identity and self._uniform_mode is not None:  # the common case: the table's own pooling

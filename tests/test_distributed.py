@@ -121,7 +121,8 @@ def test_gathered_validation_auc_is_the_auc_of_the_whole_split(runs):
 def test_shards_cover_every_global_batch_once():
     data = make_synthetic(SyntheticConfig(rows=200, cardinality_exponent=0.2, seed=1))
     train_split = data.split("train")
-    whole = [b.labels for b in iterate_batches(train_split, 37, shuffle=True, generator=torch.Generator().manual_seed(4))]
+    gen = torch.Generator().manual_seed(4)
+    whole = [b.labels for b in iterate_batches(train_split, 37, shuffle=True, generator=gen)]
     parts = [list(shard_batches(train_split, 37, rank=r, world_size=3, generator=torch.Generator().manual_seed(4)))
              for r in range(3)]
     for i, labels in enumerate(whole):
