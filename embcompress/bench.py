@@ -16,7 +16,7 @@ import platform
 import resource
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -111,9 +111,12 @@ def _check_data(data, where: str) -> dict[str, Any]:
             raise SpecError(f"{where}: data.synthetic: {err}") from None
         return {"synthetic": dict(data["synthetic"] or {})}
     criteo = data["criteo"]
-    if not isinstance(criteo, dict) or set(criteo) != {"path"}:
+    if not isinstance(criteo, dict) or "path" not in criteo or not set(criteo) <= {"path", "dense"}:
         raise SpecError(f"{where}: data.criteo must be {{path: FOLDER}} (a folder written by "
-                        f"`embcompress data criteo`), got {criteo!r}")
+                        f"`embcompress data criteo`), optionally with dense: false, got {criteo!r}")
+    use_dense = criteo.get("dense", True)
+    if not isinstance(use_dense, bool):
+        raise SpecError(f"{where}: data.criteo.dense must be true or false, got {use_dense!r}")
     from .criteo import read_manifest
 
     folder = Path(criteo["path"]).expanduser()
@@ -124,7 +127,10 @@ def _check_data(data, where: str) -> dict[str, Any]:
     if not manifest.get("complete"):
         raise SpecError(f"{where}: data.criteo.path {str(folder)!r} holds an unfinished data set (no complete "
                         "manifest); rerun `embcompress data criteo`")
-    return {"criteo": {"path": str(folder)}}
+    if not use_dense and not any(f.endswith("_bucket") for f in manifest.get("schema", {}).get("sparse", [])):
+        raise SpecError(f"{where}: data.criteo.dense is false but {str(folder)!r} has no bucketized dense fields: "
+                        "the models would see no dense feature at all (prepare with --dense-buckets)")
+    return {"criteo": {"path": str(folder), **({} if use_dense else {"dense": False})}}
 
 
 def load_data(suite: "Suite") -> CTRData:
@@ -132,7 +138,11 @@ def load_data(suite: "Suite") -> CTRData:
     if "criteo" in suite.data:
         from .criteo import load_criteo
 
-        return load_criteo(suite.data["criteo"]["path"])
+        data = load_criteo(suite.data["criteo"]["path"])
+        if not suite.data["criteo"].get("dense", True):
+            # Dense features enter only through their bucketized fields (the BARS / OptEmbed protocol).
+            data = replace(data, dense=np.zeros((len(data.labels), 0), dtype=np.float32))
+        return data
     return make_synthetic(SyntheticConfig(**suite.data["synthetic"]))
 
 
@@ -153,8 +163,10 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
         raise SpecError(f"{where}: missing key 'methods'")
     if ("model" in raw) == ("models" in raw):
         raise SpecError(f"{where}: give either 'model' (one mapping) or 'models' (a list), not both or neither")
-    data = _check_data({"criteo": {"path": str(data_path)}} if data_path is not None
-                       else raw.get("data") or {"synthetic": {}}, where)
+    data = raw.get("data") or {"synthetic": {}}
+    if data_path is not None:  # the suite's data options (dense: false) still apply to the given folder
+        data = {"criteo": {**(data.get("criteo") or {} if isinstance(data, dict) else {}), "path": str(data_path)}}
+    data = _check_data(data, where)
     dim = raw.get("embedding_dim", 16)
     if not isinstance(dim, int) or dim < 1:
         raise SpecError(f"{where}: embedding_dim must be a positive int, got {dim!r}")

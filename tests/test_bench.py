@@ -244,3 +244,30 @@ def test_committed_criteo_suite_is_well_formed_apart_from_its_data(tmp_path):
         load_suite(default_suite_path().parent / "criteo_kaggle.yaml")
     suite = load_suite(write(tmp_path, {**raw, "data": {"synthetic": {"rows": 100}}}))
     assert {m.name for m in suite.models} == {"dlrm", "dcn"} and suite.seeds == (0, 1, 2)
+
+
+def test_criteo_suite_without_dense_features_uses_the_buckets(tmp_path):
+    from embcompress.bench import load_data
+    from embcompress.criteo import prepare_criteo
+
+    lines = ["\t".join([str(i % 2)] + [str(i % 7)] * 13 + [f"{i % 5:08x}"] * 26) for i in range(60)]
+    (tmp_path / "t.tsv").write_text("".join(line + "\n" for line in lines))
+    plain, bucketed = tmp_path / "plain", tmp_path / "bucketed"
+    prepare_criteo(tmp_path / "t.tsv", plain)
+    prepare_criteo(tmp_path / "t.tsv", bucketed, dense_buckets=True)
+    spec = {"data": {"criteo": {"path": str(bucketed), "dense": False}}, "model": {"type": "lr.v1"},
+            "methods": [{"table": {"type": "full.v1"}}]}
+    suite_file = tmp_path / "s.yaml"
+    suite_file.write_text(yaml.safe_dump(spec))
+    suite = load_suite(suite_file)
+    data = load_data(suite)
+    assert data.num_dense == 0 and data.sparse.shape == (60, 39)
+    assert load_suite(suite_file, data_path=bucketed).data["criteo"]["dense"] is False  # kept with --data-path
+    spec["data"]["criteo"]["path"] = str(plain)
+    suite_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match="no bucketized dense fields"):
+        load_suite(suite_file)
+    spec["data"]["criteo"]["dense"] = "no"
+    suite_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match="dense must be true or false"):
+        load_suite(suite_file)
