@@ -271,3 +271,13 @@ def test_criteo_suite_without_dense_features_uses_the_buckets(tmp_path):
     suite_file.write_text(yaml.safe_dump(spec))
     with pytest.raises(SpecError, match="dense must be true or false"):
         load_suite(suite_file)
+
+
+def test_synthetic_full_covers_every_method_model_budget_and_seed():
+    from embcompress.registry import list_tables
+
+    suite = load_suite(default_suite_path().parent / "synthetic_full.yaml")
+    assert [m.name for m in suite.models] == ["dlrm", "dcn"] and suite.seeds == (0, 1, 2)
+    assert {m.table["type"] for m in suite.methods} >= set(list_tables()), "add the new method to synthetic_full"
+    assert all(m.compression == (2, 4, 16, 64, 256, 1000) for m in suite.methods if m.name != "full")
+    assert len(suite.runs()) == 2 * 3 * (1 + 11 * 6)
