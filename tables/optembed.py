@@ -84,6 +84,16 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def _field_bounds(cardinalities: Sequence[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each field's rows in the fused row space."""
+    ends = list(itertools.accumulate(cardinalities, initial=0))
+    return list(zip(ends[:-1], ends[1:]))
+
+
+def _kept_per_field(mask: torch.Tensor, cardinalities: Sequence[int]) -> list[int]:
+    return [int(mask[a:b].sum()) for a, b in _field_bounds(cardinalities)]
+
+
 def _dim_mask(widths: torch.Tensor, dim: int) -> torch.Tensor:
     """``[..., D]`` 0/1 mask keeping the first ``widths[...]`` dimensions."""
     return (torch.arange(dim, device=widths.device) < widths.unsqueeze(-1)).to(torch.float32)
@@ -220,9 +230,7 @@ class OptEmbed(CompressedEmbedding):
 
     def kept_per_field(self, row_mask: torch.Tensor | None = None) -> list[int]:
         """Kept rows of each field under ``row_mask`` (default: :meth:`current_row_mask`)."""
-        mask = self.current_row_mask() if row_mask is None else row_mask
-        bounds = list(itertools.accumulate(self.cardinalities, initial=0))
-        return [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        return _kept_per_field(self.current_row_mask() if row_mask is None else row_mask, self.cardinalities)
 
     # ------------------------------------------------------------------------------------------------ forward
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
@@ -360,13 +368,12 @@ class OptEmbedExport(CompressedEmbedding):
                   dims: Sequence[int], *, oov: torch.Tensor | None = None, field_names=None) -> "OptEmbedExport":
         """Pack the kept rows of a fused ``[sum(n_f), D]`` table, field ``f`` truncated to ``dims[f]``."""
         cards = list(cardinalities) if not isinstance(cardinalities, int) else [cardinalities]
-        bounds = list(itertools.accumulate(cards, initial=0))
         mask = row_mask.to(torch.bool).cpu()
-        kept = [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        kept = _kept_per_field(mask, cards)
         table = cls(cardinalities, embedding_dim, kept=kept, dims=dims, learned_oov=oov is not None)
         weight = weight.detach().cpu()
         table.values.copy_(torch.cat([weight[a:b][mask[a:b], :d].reshape(-1)
-                                      for a, b, d in zip(bounds[:-1], bounds[1:], dims)]))
+                                      for (a, b), d in zip(_field_bounds(cards), dims)]))
         padded = torch.zeros(table.block_rank.numel() * BLOCK, dtype=torch.bool)
         padded[: mask.numel()] = mask
         bits = padded.view(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)
@@ -410,8 +417,7 @@ class OptEmbedExport(CompressedEmbedding):
         """Rebuild a saved export (its sizes are read from the saved widths and bitmap)."""
         cards = [cardinalities] if isinstance(cardinalities, int) else list(cardinalities)
         bits = ((state["bitmap"].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1).bool()
-        bounds = list(itertools.accumulate(cards, initial=0))
-        kept = [int(bits[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        kept = _kept_per_field(bits, cards)
         table = cls(cardinalities, embedding_dim, kept=kept, dims=state["dims"].tolist(),
                     learned_oov=state.get("oov") is not None)
         table.load_state_dict(state)
