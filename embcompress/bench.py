@@ -8,6 +8,8 @@ fsynced) to ``results.jsonl``; the markdown table and the AUC-vs-bytes plot are 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -74,12 +76,13 @@ class Suite:
     source: str = "<memory>"
 
     def runs(self) -> list[Run]:
+        # Seeds outermost: a suite stopped part-way has every configuration once before it has any twice.
         return [
             Run(model, m, ratio, seed)
+            for seed in self.seeds
             for model in self.models
             for m in self.methods
             for ratio in (m.compression or (None,))
-            for seed in self.seeds
         ]
 
 
@@ -221,12 +224,27 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
     )
 
 
+@contextlib.contextmanager
+def _locked_results(path: Path):
+    """An O_APPEND descriptor of ``path`` under an exclusive ``flock``: shards of a suite share the file.
+
+    Under the lock an unterminated last line can only be a dead writer's, so it is cut first.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _drop_partial_tail(path)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _append_line(path: Path, record: dict) -> None:
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    view = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+    with _locked_results(path) as fd:
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
 
 
 def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: bool) -> dict:
@@ -304,12 +322,15 @@ def _drop_partial_tail(path: Path) -> int:
         return len(data) - keep
 
 
-def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Run every (method, ratio, seed) of ``suite``; append each finished run to ``out_dir/results.jsonl``.
+def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", progress: bool = True,
+              shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run every (model, method, ratio, seed) of ``suite``; append each finished run to ``out_dir/results.jsonl``.
 
     Runs already recorded as finished (same run key) are skipped, so a killed suite resumes where it stopped.
     A failing run is recorded with its error, the suite goes on, and a rerun tries it again.
-    Returns the records of the whole suite: the ones found and the ones run now.
+    ``shard=(i, n)`` runs only the runs whose position in ``suite.runs()`` is ``i`` modulo ``n``: n processes
+    (or machines sharing the folder) split a suite and append to one file.
+    Returns the records of the whole suite found in the file at the end, the ones run now included.
     """
     from tqdm.auto import tqdm
 
@@ -320,13 +341,16 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
 
     writer = is_main_process()  # under torchrun / --nproc every rank trains, only rank 0 writes
     if writer:
-        _drop_partial_tail(results_path)
+        with _locked_results(results_path):  # cuts a killed run's partial line; another shard may be writing
+            pass
     done = {r["run_key"]: r for r in (read_results(results_path) if results_path.exists() else [])
             if r.get("status") == "ok" and "run_key" in r}
+    index, count = _check_shard(shard)
     runs = [(run, run_key(suite, run)) for run in suite.runs()]
-    todo = [(run, key) for run, key in runs if key not in done]
-    if len(todo) < len(runs) and progress:
-        print(f"{len(runs) - len(todo)} of {len(runs)} runs already in {results_path}; running the other {len(todo)}")
+    mine = runs[index::count]
+    todo = [(run, key) for run, key in mine if key not in done]
+    if len(todo) < len(mine) and progress:
+        print(f"{len(mine) - len(todo)} of {len(mine)} runs already in {results_path}; running the other {len(todo)}")
     data = None
     meta = {"torch": torch.__version__, "python": platform.python_version(), "embcompress": __version__,
             "git_commit": _git_commit()}
@@ -342,7 +366,19 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
         if writer:
             _append_line(results_path, record)
         done[key] = record
+    if count > 1 and results_path.exists():  # the other shards' runs too
+        for r in read_results(results_path):
+            key = r.get("run_key")
+            if key and (key not in done or r.get("status") == "ok"):
+                done[key] = r
     return [done[key] for _, key in runs if key in done]
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    index, count = shard
+    if not (isinstance(count, int) and isinstance(index, int) and count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard must be (i, n) with n >= 1 and 0 <= i < n, got {shard!r}")
+    return index, count
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:

@@ -37,6 +37,16 @@ def _write_report(records: list[dict], out: Path, title: str) -> str:
     return f"{table}\n\nreport:  {out / 'report.md'}\nplot:    {png}"
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/2, got {text!r}") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return index, count
+
+
 def _bench_run_rank(args: argparse.Namespace) -> int:
     # One process of `bench run --nproc N`: the process group is up, so training runs data-parallel.
     return cmd_bench_run(argparse.Namespace(**{**vars(args), "nproc": 1}))
@@ -57,7 +67,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("results") / suite.name)
     if is_main_process():
         print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
-    records = run_suite(suite, out, device=args.device, progress=not args.quiet)
+    records = run_suite(suite, out, device=args.device, progress=not args.quiet, shard=args.shard)
     if not is_main_process():
         return 0 if all(r.get("status") == "ok" for r in records) else 1
     print(_write_report(records, out, f"{suite.name}: {', '.join(m.name for m in suite.models)}, D={suite.embedding_dim}"))
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--nproc", type=int, default=1,
                        help="train data-parallel in N local processes (DDP: gloo on CPU, nccl on GPU); "
                             "or launch with torchrun")
+    p_run.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                       help="run only the runs at positions I, I+N, I+2N, ... of the suite (0 <= I < N), so N "
+                            "processes or machines can share one results folder")
     p_run.set_defaults(func=cmd_bench_run)
     p_report = bench.add_parser("report", help="markdown table and plot from a results.jsonl")
     p_report.add_argument("results", help="results.jsonl written by `bench run`")

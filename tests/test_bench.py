@@ -184,6 +184,53 @@ def test_sigkill_mid_suite_then_rerun_records_every_run_once(tmp_path):
     assert all(r["status"] == "ok" for r in records)
 
 
+def test_two_shards_share_one_results_file(tmp_path):
+    path, out = _suite_with_runs(tmp_path), tmp_path / "out"
+    cmd = [sys.executable, "-m", "embcompress.cli", "bench", "run", str(path), "--out", str(out), "--quiet"]
+    procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    text = (out / "results.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    suite = load_suite(path)
+    expected = {(r.method.name, r.ratio, r.seed) for r in suite.runs()}
+    got = [(r["method"], r["target_ratio"], r["seed"]) for r in records]
+    assert len(got) == len(set(got)) == len(expected) == 5 and set(got) == expected
+    # a third process over the whole suite finds everything done
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert (out / "results.jsonl").read_text() == text
+
+
+def test_shard_positions_split_the_suite(tmp_path):
+    from embcompress.bench import run_suite
+
+    suite = load_suite(_suite_with_runs(tmp_path, 4))
+    runs = suite.runs()
+    out = tmp_path / "out"
+    first = run_suite(suite, out, progress=False, shard=(1, 3))
+    assert [(r["method"], r["target_ratio"]) for r in first] == [(r.method.name, r.ratio) for r in runs[1::3]]
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        run_suite(suite, out, progress=False, shard=(3, 3))
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "0/0"])
+def test_bad_shard_option_is_rejected(text, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "run", "--shard", text])
+    assert "--shard" in capsys.readouterr().err
+
+
+def test_a_dead_writers_partial_line_is_cut_before_the_next_append(tmp_path):
+    from embcompress.bench import _append_line
+
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"a": 1}\n{"run_key": "half')
+    _append_line(results, {"b": 2})
+    assert results.read_text() == '{"a": 1}\n{"b": 2}\n'
+
+
 def test_failed_run_is_recorded_and_the_suite_goes_on(tmp_path, capsys):
     suite = {**TINY, "methods": [{"name": "too-small", "table": {"type": "hashing.v1"}, "compression": [1e9]},
                                  TINY["methods"][0]]}
