@@ -3,8 +3,13 @@
 Each table is built at a budget over a Criteo-sized vocabulary (Criteo Kaggle cardinalities divided by
 ``cardinality_divisor``: 3.4M rows at the default 10) and trained on Zipf-distributed ids through a small
 linear head, with the optimizers the training loop gives it (``SparseAdam`` for sparse-gradient tables,
-``Adam`` otherwise). The ratios compare each method with the fastest ``full.v1`` configuration of the same run,
-and with torchrec's ``EmbeddingBagCollection`` (unsharded, as torchrec runs it on one device) when installed.
+``Adam`` otherwise; a method may name ``adagrad`` or ``sgd`` instead). The ratios compare each method with the
+fastest ``full.v1`` configuration of the same run, and with the fastest torchrec configuration when torchrec is
+installed: ``EmbeddingBagCollection`` with dense gradients under the same ``Adam``, and
+``FusedEmbeddingBagCollection``, whose fbgemm kernels apply the optimizer inside the backward pass (fused Adam on
+CUDA; fbgemm's CPU kernels have no fused Adam, so fused Adagrad there; the row names the optimizer).
+Tables that train in stages (OptEmbed) are timed as the supernet trains and served as their export; for a speed
+run the export keeps random rows at full width up to the budget (the lookup does not depend on which rows).
 Timings are medians over repeats; nothing here is asserted in tests, the numbers are reported.
 """
 
@@ -26,18 +31,27 @@ from .bench import _lookup, _unknown
 from .memory import baseline_bytes
 from .registry import TABLES, SpecError, _load_builtins, build_table, check_kwargs
 from .synthetic import CRITEO_KAGGLE_CARDINALITIES
-from .training import TrainConfig, _optimizers
+from .training import TrainConfig, _optimizers, _regularization
 
 __all__ = ["SpeedSuite", "load_speed_suite", "run_speed", "format_speed"]
 
 _KEYS = ("name", "batch_size", "embedding_dim", "cardinality_divisor", "steps", "repeats", "torchrec", "methods")
+_OPTIMIZERS = ("adam", "adagrad", "sgd")
 TORCHREC_NAME = "torchrec EmbeddingBagCollection"
+
+
+@dataclass(frozen=True)
+class SpeedMethod:
+    name: str
+    table: dict[str, Any]
+    ratio: float | None = None  # compression target; None: the table as specified
+    optimizer: str = "adam"
 
 
 @dataclass(frozen=True)
 class SpeedSuite:
     name: str
-    methods: tuple[tuple[str, dict[str, Any], float | None], ...]  # (name, table spec, compression or None)
+    methods: tuple[SpeedMethod, ...]
     batch_size: int = 4096
     embedding_dim: int = 16
     cardinality_divisor: int = 10
@@ -65,7 +79,7 @@ def load_speed_suite(path: str | os.PathLike) -> SpeedSuite:
         mwhere = f"{where}: methods[{i}]"
         if not isinstance(m, dict) or "table" not in m:
             raise SpecError(f"{mwhere}: each method needs a 'table' spec")
-        _unknown(m, ("name", "table", "compression"), mwhere)
+        _unknown(m, ("name", "table", "compression", "optimizer"), mwhere)
         table = dict(m["table"])
         cls = _lookup(TABLES, table.get("type"), f"{mwhere}: table")
         ratio = m.get("compression")
@@ -74,7 +88,11 @@ def load_speed_suite(path: str | os.PathLike) -> SpeedSuite:
         options = {k: v for k, v in table.items() if k != "type"}
         check_kwargs(cls.from_budget if ratio else cls, {**options, **({"budget_bytes": 1} if ratio else {})},
                      mwhere, provided=("cardinalities", "embedding_dim"))
-        methods.append((str(m.get("name", table["type"])), table, float(ratio) if ratio else None))
+        optimizer = m.get("optimizer", "adam")
+        if optimizer not in _OPTIMIZERS:
+            raise SpecError(f"{mwhere}: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")
+        methods.append(SpeedMethod(str(m.get("name", table["type"])), table, float(ratio) if ratio else None,
+                                   optimizer))
     options = {k: raw[k] for k in _KEYS if k in raw and k not in ("name", "methods")}
     for key, value in options.items():
         if key != "torchrec" and (not isinstance(value, int) or value < 1):
@@ -108,9 +126,9 @@ class _Head(nn.Module):
 
 
 class _TorchrecHead(nn.Module):
-    def __init__(self, ebc: nn.Module, keys: list[str], width: int) -> None:
+    def __init__(self, ebc: nn.Module, keys: list[str], width: int, *, fused: bool = False) -> None:
         super().__init__()
-        self.ebc, self.keys = ebc, keys
+        self.ebc, self.keys, self.fused = ebc, keys, fused
         self.linear = nn.Linear(width, 1)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -124,7 +142,12 @@ class _TorchrecHead(nn.Module):
         return self.linear(self.lookup(ids)).squeeze(-1)
 
 
-def _torchrec_ebc(cards, dim: int) -> nn.Module:
+def _fused_optimizer(device: str) -> type[torch.optim.Optimizer]:
+    # fbgemm fuses Adam on CUDA only; on the CPU its kernels fuse SGD and Adagrad.
+    return torch.optim.Adam if device.startswith("cuda") else torch.optim.Adagrad
+
+
+def _torchrec_model(kind: str, cards, dim: int, device: str, lr: float) -> _TorchrecHead:
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
     keys = [f"C{i + 1}" for i in range(len(cards))]
@@ -133,7 +156,27 @@ def _torchrec_ebc(cards, dim: int) -> nn.Module:
                            pooling=PoolingType.SUM)
         for k, n in zip(keys, cards)
     ]
-    return _TorchrecHead(EmbeddingBagCollection(tables=configs), keys, len(cards) * dim)
+    if kind == "torchrec":
+        return _TorchrecHead(EmbeddingBagCollection(tables=configs, device=torch.device(device)), keys,
+                             len(cards) * dim)
+    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+    ebc = FusedEmbeddingBagCollection(tables=configs, optimizer_type=_fused_optimizer(device),
+                                      optimizer_kwargs={"lr": lr}, device=torch.device(device))
+    return _TorchrecHead(ebc, keys, len(cards) * dim, fused=True).to(device)
+
+
+def _export_at_budget(table, budget: float, seed: int = 0) -> nn.Module:
+    """A staged table's deployable form at ``budget``: random rows kept at full width (speed only)."""
+    from .tables.optembed import OptEmbedExport
+
+    cards, dim = table.cardinalities, table.embedding_dim
+    floor = OptEmbedExport.storage_bytes(cards, dim, [0] * len(cards), [dim] * len(cards))
+    rows = sum(cards)
+    keep = max(0, min(rows, int((budget - floor) // (4 * dim))))
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:keep]] = True
+    return OptEmbedExport.from_rows(cards, dim, table.weight.detach(), mask, [dim] * len(cards))
 
 
 def _sync(device: str) -> None:
@@ -141,8 +184,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_training(model: nn.Module, ids: torch.Tensor, suite: SpeedSuite, device: str) -> float:
-    opts = _optimizers(model, TrainConfig(optimizer="adam", device=device))
+def _time_training(model: nn.Module, ids: torch.Tensor, suite: SpeedSuite, device: str, optimizer: str) -> float:
+    cfg = TrainConfig(optimizer=optimizer, device=device)
+    # A fused torchrec table updates itself inside backward: only the head has an optimizer here.
+    opts = [torch.optim.Adam(model.linear.parameters(), lr=cfg.lr)] if getattr(model, "fused", False) \
+        else _optimizers(model, cfg)
     labels = (torch.rand(suite.batch_size, generator=torch.Generator().manual_seed(1)) < 0.25).float().to(device)
     loss_fn = nn.BCEWithLogitsLoss()
     n_batches = ids.shape[0] // suite.batch_size
@@ -153,6 +199,9 @@ def _time_training(model: nn.Module, ids: torch.Tensor, suite: SpeedSuite, devic
             start = time.perf_counter()
         batch = ids[(step % n_batches) * suite.batch_size : (step % n_batches + 1) * suite.batch_size]
         loss = loss_fn(model(batch), labels)
+        extra = _regularization(model)  # OptEmbed's threshold term is part of its training step
+        if extra is not None:
+            loss = loss + extra
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,52 +229,60 @@ def _latency(model: nn.Module, ids: torch.Tensor, batch: int, repeats: int, devi
 
 
 def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Measure every method of ``suite`` (and torchrec's EBC when asked and installed) in this process."""
+    """Measure every method of ``suite`` (and torchrec's EBCs when asked and installed) in this process."""
     from tqdm.auto import tqdm
 
     cards, dim = suite.cardinalities, suite.embedding_dim
     base = baseline_bytes(cards, dim)
     n_batches = 4
     ids = zipf_ids(cards, n_batches * suite.batch_size).to(device)
-    entries: list[tuple[str, dict, float | None]] = list(suite.methods)
-    records = []
+    entries = list(suite.methods)
     if suite.torchrec:
         try:
             import torchrec  # noqa: F401
 
-            entries.append((TORCHREC_NAME, {"type": "torchrec"}, None))
+            fused = _fused_optimizer(device).__name__
+            entries += [SpeedMethod(f"{TORCHREC_NAME} (dense grads, Adam)", {"type": "torchrec"}),
+                        SpeedMethod(f"torchrec FusedEmbeddingBagCollection (fused {fused})", {"type": "torchrec-fused"})]
         except ImportError:
             pass
-    for name, spec, ratio in tqdm(entries, desc=f"speed {suite.name}", disable=None if progress else True):
+    records = []
+    for m in tqdm(entries, desc=f"speed {suite.name}", disable=None if progress else True):
         torch.manual_seed(0)
+        model = None
         try:
-            if spec.get("type") == "torchrec":
-                model = _torchrec_ebc(cards, dim).to(device)
+            budget = base / m.ratio if m.ratio else None
+            if m.table["type"].startswith("torchrec"):
+                model = _torchrec_model(m.table["type"], cards, dim, device, TrainConfig().lr)
                 table_bytes = sum(p.numel() * p.element_size() for p in model.ebc.parameters())
+                served = model
             else:
-                full_spec = dict(spec, **({"budget_bytes": base / ratio} if ratio else {}))
-                table = build_table(full_spec, cards, dim)
+                table = build_table(dict(m.table, **({"budget_bytes": budget} if budget else {})), cards, dim)
                 model = _Head(table, len(cards) * dim).to(device)
-                table_bytes = table.memory_report().total_bytes
+                served = model
+            train_speed = _time_training(model, ids, suite, device, m.optimizer)
+            if not m.table["type"].startswith("torchrec"):
+                if getattr(table, "trains_in_stages", False):
+                    served = _Head(_export_at_budget(table, budget or base), len(cards) * dim).to(device)
+                table_bytes = served.embeddings.memory_report().total_bytes
             record = {
-                "method": name, "table": spec, "target_ratio": ratio, "bytes": table_bytes,
-                "ratio": base / table_bytes, "train_samples_per_second": _time_training(model, ids, suite, device),
-                "latency_b1_s": _latency(model, ids, 1, suite.repeats, device),
-                "latency_b1024_s": _latency(model, ids, 1024, suite.repeats, device),
+                "method": m.name, "table": m.table, "target_ratio": m.ratio, "optimizer": m.optimizer,
+                "bytes": table_bytes, "ratio": base / table_bytes, "train_samples_per_second": train_speed,
+                "latency_b1_s": _latency(served, ids, 1, suite.repeats, device),
+                "latency_b1024_s": _latency(served, ids, 1024, suite.repeats, device),
                 "status": "ok",
             }
         except Exception as err:  # one failing method is reported; the others are still measured
-            record = {"method": name, "table": spec, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+            record = {"method": m.name, "table": m.table, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         records.append(record)
         del model
-    fastest_full = max((r["train_samples_per_second"] for r in records
-                        if r["status"] == "ok" and r["table"].get("type") == "full.v1"), default=None)
-    ebc = next((r for r in records if r["method"] == TORCHREC_NAME and r["status"] == "ok"), None)
-    for r in records:
-        if r["status"] != "ok":
-            continue
+    ok = [r for r in records if r["status"] == "ok"]
+    fastest_full = max((r["train_samples_per_second"] for r in ok if r["table"]["type"] == "full.v1"), default=None)
+    fastest_torchrec = max((r["train_samples_per_second"] for r in ok if r["table"]["type"].startswith("torchrec")),
+                           default=None)
+    for r in ok:
         r["vs_full"] = r["train_samples_per_second"] / fastest_full if fastest_full else None
-        r["vs_torchrec"] = r["train_samples_per_second"] / ebc["train_samples_per_second"] if ebc else None
+        r["vs_torchrec"] = r["train_samples_per_second"] / fastest_torchrec if fastest_torchrec else None
     return records
 
 
@@ -235,9 +292,10 @@ def format_speed(records: list[dict], suite: SpeedSuite, device: str) -> str:
         f"Batch {suite.batch_size}, {len(cards)} fields, D={suite.embedding_dim}, vocabulary {sum(cards):,} rows "
         f"(Criteo Kaggle / {suite.cardinality_divisor}), device {device}; training step = forward + backward + "
         f"optimizer over a linear head, throughput over {suite.steps} timed steps after 3 warm-up steps; latency = median of "
-        f"{suite.repeats} forward passes.",
+        f"{suite.repeats} forward passes of the served table (OptEmbed: its export, random rows kept at full width "
+        "up to the budget).",
         "",
-        "| method | target | bytes | ratio | train samples/s | vs fastest full | vs torchrec EBC "
+        "| method | target | bytes | ratio | train samples/s | vs fastest full | vs fastest torchrec "
         "| latency b=1 (µs) | latency b=1024 (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

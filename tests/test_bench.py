@@ -138,7 +138,7 @@ def test_committed_speed_suite_is_valid():
     from embcompress.speed import load_speed_suite
 
     suite = load_speed_suite(default_suite_path().parent / "speed.yaml")
-    assert any(spec["type"] == "full.v1" and spec.get("sparse") for _, spec, _ in suite.methods)
+    assert any(spec["type"] == "full.v1" and spec.get("sparse") for spec in (m.table for m in suite.methods))
 
 
 def _suite_with_runs(tmp_path, n_ratios=4):
