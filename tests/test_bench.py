@@ -134,6 +134,34 @@ def test_speed_suite_runs_and_reports_ratios(tmp_path):
     assert "| hashing | 8x |" in format_speed(records, suite, "cpu")
 
 
+def test_speed_suite_with_torchrec_optimizers_and_a_staged_table(tmp_path):
+    pytest.importorskip("torchrec")
+    from embcompress.speed import load_speed_suite, run_speed
+
+    path = tmp_path / "speed.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "batch_size": 256, "cardinality_divisor": 2000, "steps": 2, "repeats": 2,
+        "methods": [{"name": "full adagrad", "table": {"type": "full.v1", "sparse": True}, "optimizer": "adagrad"},
+                    {"name": "optembed", "table": {"type": "optembed.v1", "sparse": True}, "compression": 4}],
+    }))
+    records = run_speed(load_speed_suite(path), progress=False)
+    assert [r["status"] for r in records] == ["ok"] * 4, [r.get("error") for r in records]
+    assert records[0]["optimizer"] == "adagrad"
+    assert records[1]["ratio"] >= 4 and records[1]["bytes"] == pytest.approx(records[0]["bytes"] / 4, rel=0.01)
+    fused = records[3]
+    assert fused["method"] == "torchrec FusedEmbeddingBagCollection (fused Adagrad)"
+    assert max(r["vs_torchrec"] for r in records[2:]) == 1.0
+
+
+def test_speed_suite_rejects_an_unknown_optimizer(tmp_path):
+    from embcompress.speed import load_speed_suite
+
+    path = tmp_path / "speed.yaml"
+    path.write_text(yaml.safe_dump({"methods": [{"table": {"type": "full.v1"}, "optimizer": "adamw"}]}))
+    with pytest.raises(SpecError, match="optimizer must be one of adam, adagrad, sgd, got 'adamw'"):
+        load_speed_suite(path)
+
+
 def test_committed_speed_suite_is_valid():
     from embcompress.speed import load_speed_suite
 
