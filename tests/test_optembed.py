@@ -212,23 +212,44 @@ def test_export_memory_report_equals_a_hand_count():
     mask[[0, 1, 2, 5, 10, 13, 14, 19]] = True  # kept: 4 in field 0, 1 in field 1, 3 in field 2
     table.freeze([2, 4, 1], mask)
     export = table.export()
-    # values 4*2 + 1*4 + 3*1 fp32; bitmap: one 64-row block = 8 uint8; block counts 1 int32; popcount table
-    # 256 uint8; int64 offsets, widths and bases for 3 fields
-    expected = (4 * 2 + 1 * 4 + 3 * 1) * 4 + 8 + 4 + 256 + 3 * 3 * 8
+    # values 4*2 + 1*4 + 3*1 fp32 and D = 4 trailing zeros; bitmap: one 64-row block = 8 uint8; block counts
+    # 1 int32; int64 offsets, widths and bases for 3 fields
+    expected = (4 * 2 + 1 * 4 + 3 * 1 + 4) * 4 + 8 + 4 + 3 * 3 * 8
     assert export.memory_report().total_bytes == expected == table.export_bytes([2, 4, 1])
     assert export.memory_report().parameter_bytes == 0  # an inference table: buffers only
 
 
-def test_export_rank_map_across_many_blocks():
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.97, 1.0])
+def test_export_rank_map_across_many_blocks(density):
     cards = [1000, 130, 70]
     torch.manual_seed(0)
-    mask = torch.rand(sum(cards)) < 0.3
+    mask = torch.rand(sum(cards)) < density  # 1.0: every word has its sign bit set
     weight = torch.randn(sum(cards), 6)
     export = OptEmbedExport.from_rows(cards, 6, weight, mask, [6, 2, 4])
     rows = torch.arange(sum(cards))
     kept, rank = export._rank(rows)
     assert torch.equal(kept, mask)
     assert torch.equal(rank, torch.cumsum(mask.long(), 0) - mask.long())
+
+
+def test_popcount64_counts_every_bit_of_signed_words():
+    from embcompress.tables.optembed import _popcount64
+
+    words = torch.randint(-(2**63), 2**63 - 1, (2000,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    words = torch.cat([words, torch.tensor([0, -1, 1, -(2**63), 2**63 - 1])])
+    expected = [bin(w & (2**64 - 1)).count("1") for w in words.tolist()]
+    assert _popcount64(words).tolist() == expected
+
+
+def test_an_export_saved_in_the_old_layout_still_loads():
+    cards = [70, 30]
+    mask = torch.rand(100, generator=torch.Generator().manual_seed(1)) < 0.5
+    export = OptEmbedExport.from_rows(cards, 4, torch.randn(100, 4), mask, [4, 2])
+    state = export.state_dict()
+    old = {**state, "popcount": torch.zeros(256, dtype=torch.uint8), "values": state["values"][:-4]}
+    loaded = OptEmbedExport.from_state_dict(old, cards, 4)
+    ids = torch.stack([torch.arange(30), torch.arange(30)], 1)
+    assert torch.equal(loaded(ids), export(ids))
 
 
 def test_every_stage_survives_a_state_dict_round_trip():
