@@ -36,7 +36,7 @@ from .training import TrainConfig, train
 
 __all__ = [
     "Suite", "MethodSpec", "load_suite", "default_suite_path", "run_suite", "read_results", "results_frame",
-    "format_table", "plot_results",
+    "format_table", "best_per_budget", "plot_results",
 ]
 
 _SUITE_KEYS = ("name", "data", "embedding_dim", "model", "models", "train", "seeds", "methods")
@@ -458,7 +458,7 @@ def format_table(records: list[dict]) -> str:
     for g in rows:
         full = _full_auc(rows, g["model"])
         target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
-        auc = f"{g['auc']:.4f}" + (f" ± {g['auc_std']:.4f}" if g["seeds"] > 1 else "")
+        auc = _auc_cell(g)
         delta = f"{g['auc'] - full:+.4f}" if full is not None else "n/a"
         gap = f"| {g['auc'] - bayes:+.4f} " if bayes is not None else ""
         model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
@@ -466,11 +466,67 @@ def format_table(records: list[dict]) -> str:
             f"{model_cells}| {g['method']} | {target} | {g['bytes']:,} | {g['ratio']:.2f}x | {auc} | {delta} {gap}"
             f"| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} |"
         )
+    best = best_per_budget(records)
+    if best:
+        lines += ["", "Best method per budget (highest mean test AUC):", ""]
+        lines += [f"{model_head}| target | best method | bytes | test AUC | ΔAUC vs full |",
+                  "|---" * (5 + 2 * several_models) + "|"]
+        for g in best:
+            model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
+            delta = f"{g['delta']:+.4f}" if g["delta"] is not None else "n/a"
+            lines.append(f"{model_cells}| {g['target_ratio']:g}x | {g['method']} | {g['bytes']:,} "
+                         f"| {_auc_cell(g)} | {delta} |")
+    lines += _coverage(records, rows)
+    failures: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") != "ok":
-            target = f"{r['target_ratio']:g}x" if r.get("target_ratio") else "no budget"
-            lines.append(f"\nFAILED: {r['method']} at {target}, seed {r['seed']} ({r.get('model')}): {r.get('error')}")
+            failures.setdefault((r.get("model"), r["method"], r.get("target_ratio"), r.get("error")), []).append(r)
+    for (model, method, target, error), rs in failures.items():
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        where = f"{target:g}x" if target else "no budget"
+        lines.append(f"\nFAILED: {method} at {where}, seed{'s' * (len(rs) > 1)} {seeds} ({model}): {error}")
     return "\n".join(lines)
+
+
+def _auc_cell(g: dict) -> str:
+    return f"{g['auc']:.4f}" + (f" ± {g['auc_std']:.4f}" if g["seeds"] > 1 else "")
+
+
+def best_per_budget(records: list[dict]) -> list[dict]:
+    """For each (model, target ratio), the group (see ``results_frame``) with the highest mean test AUC, with
+    ``delta``: its AUC less the full table's (None without a full-table run)."""
+    rows = _group(records)
+    best: dict[tuple, dict] = {}
+    for g in rows:
+        key = (g["model"], g["target_ratio"])
+        if g["target_ratio"] is not None and (key not in best or g["auc"] > best[key]["auc"]):
+            best[key] = g
+    out = []
+    for (model, _), g in sorted(best.items()):
+        full = _full_auc(rows, model)
+        out.append({**g, "delta": g["auc"] - full if full is not None else None})
+    return out
+
+
+def _coverage(records: list[dict], rows: list[dict]) -> list[str]:
+    """Method x budget grid of mean AUCs, per model; a budget a method could not reach shows as 'no'."""
+    targets = sorted({r["target_ratio"] for r in records if r.get("target_ratio") is not None})
+    if len(targets) < 2:
+        return []
+    auc = {(g["model"], g["method"], g["target_ratio"]): g["auc"] for g in rows}
+    tried = {(r.get("model", ""), r["method"], r.get("target_ratio")) for r in records}
+    lines = []
+    for model in dict.fromkeys(r.get("model", "") for r in records):
+        methods = [m for m in dict.fromkeys(r["method"] for r in records if r.get("model", "") == model)
+                   if any((model, m, t) in tried for t in targets)]
+        lines += ["", f"Test AUC by method and budget{f' ({model})' if model else ''}; 'no': not reachable "
+                      "(see FAILED below):", ""]
+        lines += ["| method | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
+        for m in methods:
+            cells = [f"{auc[(model, m, t)]:.4f}" if (model, m, t) in auc else "no" if (model, m, t) in tried else ""
+                     for t in targets]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -491,28 +547,31 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
     import matplotlib.pyplot as plt
 
     rows = _group(records)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for label in dict.fromkeys(g["label"] for g in rows):
-        pts = sorted((g["bytes"], g["auc"], g["auc_std"]) for g in rows if g["label"] == label)
-        xs, ys, es = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-    front = pareto_front([(g["bytes"], g["auc"]) for g in rows])
-    if front:
-        fx, fy = zip(*front)
-        ax.step(fx, fy, where="post", color="black", alpha=0.35, linewidth=3, label="Pareto frontier", zorder=0)
-    models = {g["model"] for g in rows}
-    full = _full_auc(rows, next(iter(models))) if len(models) == 1 else None
-    if full is not None:
-        ax.axhline(full, color="gray", linestyle="--", linewidth=1, label=f"full table ({full:.4f})")
+    models = list(dict.fromkeys(g["model"] for g in rows)) or [""]
+    # One panel per model: a frontier or a full-table line across models would compare unlike things.
+    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5.5), squeeze=False, sharey=True)
     bayes = _bayes(records)
-    if bayes is not None:
-        ax.axhline(bayes, color="green", linestyle=":", linewidth=1.5, label=f"Bayes AUC ({bayes:.4f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("embedding bytes (log scale)")
-    ax.set_ylabel("test AUC")
-    ax.set_title(title or "memory vs AUC")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    for ax, model in zip(axes[0], models):
+        mine = [g for g in rows if g["model"] == model]
+        for method in dict.fromkeys(g["method"] for g in mine):
+            pts = sorted((g["bytes"], g["auc"], g["auc_std"]) for g in mine if g["method"] == method)
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, label=method)
+        front = pareto_front([(g["bytes"], g["auc"]) for g in mine])
+        if front:
+            fx, fy = zip(*front)
+            ax.step(fx, fy, where="post", color="black", alpha=0.35, linewidth=3, label="Pareto frontier", zorder=0)
+        full = _full_auc(rows, model)
+        if full is not None:
+            ax.axhline(full, color="gray", linestyle="--", linewidth=1, label=f"full table ({full:.4f})")
+        if bayes is not None:
+            ax.axhline(bayes, color="green", linestyle=":", linewidth=1.5, label=f"Bayes AUC ({bayes:.4f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("embedding bytes (log scale)")
+        ax.set_title(f"{title or 'memory vs AUC'}{f' — {model}' if len(models) > 1 else ''}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("test AUC")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

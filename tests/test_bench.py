@@ -102,6 +102,39 @@ def test_report_regenerates_the_table_from_jsonl(tmp_path, capsys):
     assert frame.loc[0, "test_auc"] == record["test_auc"] and frame.loc[0, "bytes"] == record["bytes"]
 
 
+def test_report_numbers_are_recomputed_from_the_jsonl(tmp_path, capsys):
+    import numpy as np
+
+    suite = {**TINY, "seeds": [0, 1], "methods": [
+        TINY["methods"][0], {**TINY["methods"][1], "compression": [4, 16]},
+        {"name": "frequent", "table": {"type": "hashing.v1", "frequent": 40}, "compression": [4, 1000]},
+    ]}
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(write(tmp_path, suite)), "--out", str(out), "--quiet"]) == 1  # 1000x fails
+    capsys.readouterr()
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    report = (out / "report.md").read_text()
+    groups = {}
+    for r in records:
+        if r["status"] == "ok":
+            groups.setdefault((r["method"], r["target_ratio"]), []).append(r)
+    assert len(groups) == 4 and all(len(rs) == 2 for rs in groups.values())
+    full = np.mean([r["test_auc"] for r in groups[("full", None)]])
+    means = {}
+    for (method, target), rs in groups.items():
+        auc = np.array([r["test_auc"] for r in rs])
+        means[(method, target)] = auc.mean()
+        row = (f"| {method} | {f'{target:g}x' if target else '-'} | {int(np.mean([r['bytes'] for r in rs])):,} "
+               f"| {np.mean([r['ratio'] for r in rs]):.2f}x | {auc.mean():.4f} ± {auc.std():.4f} "
+               f"| {auc.mean() - full:+.4f} ")
+        assert row in report, row
+    for target in (4.0, 16.0):
+        method = max((m for m, t in means if t == target), key=lambda m: means[(m, target)])
+        assert f"| {target:g}x | {method} |" in report
+    assert "| frequent | " in report.split("Test AUC by method and budget")[1]
+    assert report.count("FAILED: frequent at 1000x, seeds 0, 1") == 1
+
+
 def test_bench_without_a_subcommand_runs_the_default_suite(monkeypatch, capsys):
     import embcompress.bench
 
