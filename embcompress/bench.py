@@ -549,14 +549,19 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
     rows = _group(records)
     models = list(dict.fromkeys(g["model"] for g in rows)) or [""]
     # One panel per model: a frontier or a full-table line across models would compare unlike things.
-    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(models), figsize=(8.5 * len(models), 5.5), squeeze=False, sharey=True)
     bayes = _bayes(records)
+    methods = list(dict.fromkeys(g["method"] for g in rows))
+    # A method keeps its colour and marker in every panel; tab20 and 7 markers tell a dozen methods apart.
+    style = {m: (plt.get_cmap("tab20").colors[(2 * i) % 20 + (i // 10) % 2], "osD^vPX"[i % 7])
+             for i, m in enumerate(methods)}
     for ax, model in zip(axes[0], models):
         mine = [g for g in rows if g["model"] == model]
         for method in dict.fromkeys(g["method"] for g in mine):
             pts = sorted((g["bytes"], g["auc"], g["auc_std"]) for g in mine if g["method"] == method)
             xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, label=method)
+            color, marker = style[method]
+            ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, markersize=4, capsize=3, label=method)
         front = pareto_front([(g["bytes"], g["auc"]) for g in mine])
         if front:
             fx, fy = zip(*front)
@@ -570,7 +575,7 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
         ax.set_xlabel("embedding bytes (log scale)")
         ax.set_title(f"{title or 'memory vs AUC'}{f' — {model}' if len(models) > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axes[0][0].set_ylabel("test AUC")
     fig.tight_layout()
     path = Path(path)
