@@ -388,4 +388,4 @@ def test_synthetic_full_covers_every_method_model_budget_and_seed():
     assert [m.name for m in suite.models] == ["dlrm", "dcn"] and suite.seeds == (0, 1, 2)
     assert {m.table["type"] for m in suite.methods} >= set(list_tables()), "add the new method to synthetic_full"
     assert all(m.compression == (2, 4, 16, 64, 256, 1000) for m in suite.methods if m.name != "full")
-    assert len(suite.runs()) == 2 * 3 * (1 + 11 * 6)
+    assert len(suite.runs()) == 2 * 3 * (1 + 12 * 6)
