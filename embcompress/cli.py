@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,9 +33,12 @@ def _write_report(records: list[dict], out: Path, title: str) -> str:
     from .bench import format_table, plot_results
 
     table = format_table(records)
-    (out / "report.md").write_text(f"# {title}\n\n{table}\n")
-    png = plot_results(records, out / "memory_vs_auc.png", title=title)
-    return f"{table}\n\nreport:  {out / 'report.md'}\nplot:    {png}"
+    # Written aside and renamed: shards of a suite finishing together each write the report of the same folder.
+    tmp = f".{os.getpid()}.tmp"
+    (out / f"report.md{tmp}").write_text(f"# {title}\n\n{table}\n")
+    os.replace(out / f"report.md{tmp}", out / "report.md")
+    os.replace(plot_results(records, out / f"memory_vs_auc{tmp}.png", title=title), out / "memory_vs_auc.png")
+    return f"{table}\n\nreport:  {out / 'report.md'}\nplot:    {out / 'memory_vs_auc.png'}"
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -57,8 +61,6 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     from .distributed import default_backend, init_from_env, is_main_process, launch
 
     if getattr(args, "nproc", 1) != 1:  # N local processes, each with its share of the CPU threads
-        import os
-
         threads = max(1, (os.cpu_count() or 1) // args.nproc)
         return max(launch(_bench_run_rank, args.nproc, args, backend=default_backend(args.device), threads=threads))
     init_from_env(args.device)  # under torchrun
