@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import time
@@ -477,15 +478,26 @@ def format_table(records: list[dict]) -> str:
             lines.append(f"{model_cells}| {g['target_ratio']:g}x | {g['method']} | {g['bytes']:,} "
                          f"| {_auc_cell(g)} | {delta} |")
     lines += _coverage(records, rows)
-    failures: dict[tuple, list[dict]] = {}
+    lines += _failures(records)
+    return "\n".join(lines)
+
+
+def _failures(records: list[dict]) -> list[str]:
+    """Failed runs, one line per method and cause: a budget error names the minimum budget, which is the same
+    at every target below it, for every model and seed."""
+    groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") != "ok":
-            failures.setdefault((r.get("model"), r["method"], r.get("target_ratio"), r.get("error")), []).append(r)
-    for (model, method, target, error), rs in failures.items():
-        seeds = ", ".join(str(r["seed"]) for r in rs)
-        where = f"{target:g}x" if target else "no budget"
-        lines.append(f"\nFAILED: {method} at {where}, seed{'s' * (len(rs) > 1)} {seeds} ({model}): {error}")
-    return "\n".join(lines)
+            minimum = re.search(r"minimum budget ([\d,]+)", r.get("error") or "")
+            groups.setdefault((r["method"], minimum.group(1) if minimum else r.get("error")), []).append(r)
+    lines = []
+    for (method, cause), rs in groups.items():
+        targets = ", ".join(f"{t:g}x" if t else "no budget" for t in sorted({r.get("target_ratio") or 0 for r in rs}))
+        models = ", ".join(dict.fromkeys(str(r.get("model")) for r in rs))
+        seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in rs}))
+        lines.append(f"\nFAILED: {method} at {targets} ({models}; seed{'s' * (seeds.count(',') > 0)} {seeds}): "
+                     f"{rs[0].get('error')}")
+    return lines
 
 
 def _auc_cell(g: dict) -> str:

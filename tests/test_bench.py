@@ -132,7 +132,7 @@ def test_report_numbers_are_recomputed_from_the_jsonl(tmp_path, capsys):
         method = max((m for m, t in means if t == target), key=lambda m: means[(m, target)])
         assert f"| {target:g}x | {method} |" in report
     assert "| frequent | " in report.split("Test AUC by method and budget")[1]
-    assert report.count("FAILED: frequent at 1000x, seeds 0, 1") == 1
+    assert report.count("FAILED: frequent at 1000x (dlrm.v1; seeds 0, 1): BudgetError") == 1
 
 
 def test_bench_without_a_subcommand_runs_the_default_suite(monkeypatch, capsys):
