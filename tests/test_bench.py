@@ -140,13 +140,13 @@ def test_bench_without_a_subcommand_runs_the_default_suite(monkeypatch, capsys):
 
     seen = {}
 
-    def fake_run_suite(suite, out, *, device, progress):
-        seen["suite"], seen["device"] = suite.name, device
+    def fake_run_suite(suite, out, *, device, progress, shard):
+        seen["suite"], seen["device"], seen["shard"] = suite.name, device, shard
         raise ValueError("stop here")
 
     monkeypatch.setattr(embcompress.bench, "run_suite", fake_run_suite)
     assert main(["bench", "--device", "cpu", "--quiet"]) == 2
-    assert seen == {"suite": "default", "device": "cpu"}
+    assert seen == {"suite": "default", "device": "cpu", "shard": (0, 1)}
     assert "stop here" in capsys.readouterr().err
 
 
