@@ -249,21 +249,20 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
     records = []
     for m in tqdm(entries, desc=f"speed {suite.name}", disable=None if progress else True):
         torch.manual_seed(0)
-        model = None
         try:
             budget = base / m.ratio if m.ratio else None
-            if m.table["type"].startswith("torchrec"):
+            torchrec_kind = m.table["type"].startswith("torchrec")
+            if torchrec_kind:
                 model = _torchrec_model(m.table["type"], cards, dim, device, TrainConfig().lr)
-                table_bytes = sum(p.numel() * p.element_size() for p in model.ebc.parameters())
-                served = model
             else:
                 table = build_table(dict(m.table, **({"budget_bytes": budget} if budget else {})), cards, dim)
                 model = _Head(table, len(cards) * dim).to(device)
-                served = model
             train_speed = _time_training(model, ids, suite, device, m.optimizer)
-            if not m.table["type"].startswith("torchrec"):
-                if getattr(table, "trains_in_stages", False):
-                    served = _Head(_export_at_budget(table, budget or base), len(cards) * dim).to(device)
+            if torchrec_kind:
+                served, table_bytes = model, sum(p.numel() * p.element_size() for p in model.ebc.parameters())
+            else:  # a staged table trains as a supernet and serves its export
+                served = _Head(_export_at_budget(table, budget or base), len(cards) * dim).to(device) \
+                    if getattr(table, "trains_in_stages", False) else model
                 table_bytes = served.embeddings.memory_report().total_bytes
             record = {
                 "method": m.name, "table": m.table, "target_ratio": m.ratio, "optimizer": m.optimizer,
@@ -275,7 +274,7 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
         except Exception as err:  # one failing method is reported; the others are still measured
             record = {"method": m.name, "table": m.table, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         records.append(record)
-        del model
+        model = served = table = None  # free this one's tables before the next is built
     ok = [r for r in records if r["status"] == "ok"]
     fastest_full = max((r["train_samples_per_second"] for r in ok if r["table"]["type"] == "full.v1"), default=None)
     fastest_torchrec = max((r["train_samples_per_second"] for r in ok if r["table"]["type"].startswith("torchrec")),
