@@ -171,7 +171,15 @@ def _raw_blocks(path: Path, block_bytes: int, digest=None) -> Iterator[bytes]:
 
 
 def _parse_block(buf: bytes):
-    """pyarrow table of a block, or None when its parse is not clean (rejected rows, empty lines, ``\\r``)."""
+    """A Criteo block as string columns, and the number of rows pyarrow rejected (see ``_read_strings``)."""
+    return _read_strings(buf, COLUMNS, delimiter="\t", quote_char=False)
+
+
+def _read_strings(buf: bytes, names: Sequence[str], *, delimiter: str, quote_char: str | bool):
+    """(pyarrow table with every column as non-null strings, count of rows pyarrow could not split and skipped).
+
+    Empty lines are kept as rows so that row i is still line i of ``buf`` for the caller's line numbers.
+    """
     import pyarrow as pa
     from pyarrow import csv
 
@@ -183,10 +191,11 @@ def _parse_block(buf: bytes):
 
     table = csv.read_csv(
         pa.py_buffer(buf),
-        read_options=csv.ReadOptions(column_names=list(COLUMNS), block_size=_PA_BLOCK, use_threads=True),
-        parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
-                                       ignore_empty_lines=False, invalid_row_handler=on_invalid),
-        convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
+        read_options=csv.ReadOptions(column_names=list(names), block_size=_PA_BLOCK, use_threads=True),
+        parse_options=csv.ParseOptions(delimiter=delimiter, quote_char=quote_char, escape_char=False,
+                                       newlines_in_values=False, ignore_empty_lines=False,
+                                       invalid_row_handler=on_invalid),
+        convert_options=csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()),
                                            strings_can_be_null=False, quoted_strings_can_be_null=False),
     )
     return table, rejected[0]

@@ -69,6 +69,7 @@ import numpy as np
 
 from .criteo import (
     _raw_blocks,
+    _read_strings,
     _uint_dtype,
     _write_json_atomic,
     load_criteo,
@@ -254,27 +255,6 @@ class _Rows:
     times: np.ndarray | None
 
 
-def _parse(buf: bytes, names: Sequence[str], delimiter: str):
-    import pyarrow as pa
-    from pyarrow import csv as pcsv
-
-    rejected = [0]
-
-    def on_invalid(_row) -> str:
-        rejected[0] += 1
-        return "skip"
-
-    table = pcsv.read_csv(
-        pa.py_buffer(buf),
-        read_options=pcsv.ReadOptions(column_names=list(names), block_size=1 << 22),
-        parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char='"', ignore_empty_lines=False,
-                                        newlines_in_values=False, invalid_row_handler=on_invalid),
-        convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()),
-                                            strings_can_be_null=False, quoted_strings_can_be_null=False),
-    )
-    return table, rejected[0]
-
-
 def _split_fields(line: bytes, delimiter: str) -> list[str]:
     return next(csv.reader([line.decode("utf-8", errors="replace").rstrip("\r")], delimiter=delimiter))
 
@@ -332,7 +312,7 @@ class _Reader:
             n_lines = buf.count(b"\n")
             table = None
             if b"\n\n" not in buf and not buf.startswith(b"\n"):
-                table, rejected = _parse(buf, names, self.spec.delimiter)
+                table, rejected = _read_strings(buf, names, delimiter=self.spec.delimiter, quote_char='"')
                 if rejected or table.num_rows != n_lines:
                     table = None
             lines = np.arange(first_line, first_line + n_lines, dtype=np.int64)
@@ -350,7 +330,8 @@ class _Reader:
                         good_lines.append(first_line + k)
                 lines = np.asarray(good_lines, dtype=np.int64)
                 if good:
-                    table, rejected = _parse(b"\n".join(good) + b"\n", names, self.spec.delimiter)
+                    table, rejected = _read_strings(b"\n".join(good) + b"\n", names, delimiter=self.spec.delimiter,
+                                                     quote_char='"')
                     if rejected or table.num_rows != len(good):
                         raise ValueError(f"{path}: lines {good_lines[0]}-{good_lines[-1]}: pyarrow and Python's "
                                          "csv module disagree on the fields (a quoted newline?)")
