@@ -31,7 +31,9 @@ from . import __version__
 from .contract import CompressedEmbedding
 from .data import CTRData
 from .memory import baseline_bytes
-from .registry import MODELS, TABLES, RegistryError, SpecError, _load_builtins, build_model, build_table, check_kwargs
+from .registry import (
+    MODELS, TABLES, RegistryError, SpecError, _load_builtins, build_model, build_table, check_kwargs, check_table_options,
+)
 from .synthetic import SyntheticConfig, make_synthetic
 from .training import TrainConfig, train
 
@@ -214,9 +216,7 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
         for r in ratios:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
                 raise SpecError(f"{mwhere}: compression ratios must be positive numbers, got {r!r}")
-        target = cls.from_budget if ratios else cls
-        check_kwargs(target, {**options, **({"budget_bytes": 1} if ratios else {})}, mwhere,
-                     provided=("cardinalities", "embedding_dim"))
+        check_table_options(cls, {**options, **({"budget_bytes": 1} if ratios else {})}, mwhere)
         methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table,
                                   compression=tuple(float(r) for r in ratios)))
     return Suite(

@@ -23,11 +23,12 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
+from .budget import BudgetError, BudgetKnob, check_budget, solve_budget
 from .memory import MemoryReport, baseline_bytes, measure
 
 __all__ = [
-    "CompressedEmbedding", "BudgetError", "POOLING_MODES", "as_cardinalities", "check_positive_int", "check_seed",
-    "init_rows_",
+    "CompressedEmbedding", "BudgetError", "BudgetKnob", "POOLING_MODES", "as_cardinalities", "check_positive_int",
+    "check_seed", "init_rows_", "resolve_init_std", "default_init_std",
 ]
 
 POOLING_MODES = ("sum", "mean")
@@ -48,10 +49,6 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     return int(seed)
-
-
-class BudgetError(ValueError):
-    """A memory budget the method cannot meet, or a method that cannot be built to a budget at all."""
 
 
 def as_cardinalities(cardinalities: int | Sequence[int]) -> tuple[int, ...]:
@@ -78,6 +75,8 @@ class CompressedEmbedding(nn.Module):
     accepts_raw_ids: ClassVar[bool] = False
     #: True when training-mode outputs are random (like dropout); eval-mode outputs are always deterministic.
     stochastic_training: ClassVar[bool] = False
+    #: Constructor arguments that :meth:`from_budget` solves from the budget (a spec with a budget cannot set them).
+    budget_keys: ClassVar[tuple[str, ...]] = ()
     #: True when the method trains in several stages through ``fit_staged(model, data, cfg)`` and meets its
     #: budget with the table it exports (OptEmbed), not with the table ``from_budget`` returns.
     trains_in_stages: ClassVar[bool] = False
@@ -235,12 +234,24 @@ class CompressedEmbedding(nn.Module):
         return measure(self, baseline_bytes(self.cardinalities, self.embedding_dim))
 
     @classmethod
-    def from_budget(cls, cardinalities: int | Sequence[int], embedding_dim: int, *, budget_bytes: int):
-        """Build the table so that its memory report lands at most ``budget_bytes``, within a few percent.
-
-        Methods that cannot target a budget raise :class:`BudgetError` saying why.
-        """
+    def budget_knob(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> BudgetKnob:
+        """How this method's bytes follow one number (see :mod:`embcompress.budget`); methods that cannot be
+        built to a budget raise :class:`BudgetError`."""
         raise BudgetError(f"{getattr(cls, 'registry_name', cls.__name__)} cannot be built to a memory budget")
+
+    @classmethod
+    def from_budget(cls, cardinalities: int | Sequence[int], embedding_dim: int, *, budget_bytes: int, **options):
+        """The largest table this method builds with at most ``budget_bytes`` bytes (the shared solver).
+
+        ``options`` are constructor arguments other than the ones the budget decides (:attr:`budget_keys`).
+        Raises :class:`BudgetError` only when not even the smallest table fits, naming the smallest reachable
+        budget.
+        """
+        from .registry import check_kwargs
+
+        check_kwargs(cls, options, f"{getattr(cls, 'registry_name', cls.__name__)}.from_budget",
+                     provided=("cardinalities", "embedding_dim", *cls.budget_keys))
+        return solve_budget(cls, cardinalities, embedding_dim, budget_bytes, options)
 
     @classmethod
     def planned_bytes(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> int:
@@ -250,18 +261,31 @@ class CompressedEmbedding(nn.Module):
 
     @staticmethod
     def _check_budget(budget_bytes: int | float) -> int:
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not budget_bytes > 0:
-            raise BudgetError(f"budget_bytes must be a positive number, got {budget_bytes!r}")
-        if not math.isfinite(budget_bytes):
-            raise BudgetError(f"budget_bytes must be finite, got {budget_bytes!r}")
-        return int(budget_bytes)
+        return check_budget(budget_bytes)
 
     def extra_repr(self) -> str:
         n = self.cardinalities[0] if self.single else list(self.cardinalities)
         return f"cardinalities={n}, embedding_dim={self.embedding_dim}"
 
 
-def init_rows_(weight: torch.Tensor) -> torch.Tensor:
-    """The one initialisation of embedding rows, shared by all methods so they start alike: N(0, 1/D)."""
+def default_init_std(embedding_dim: int) -> float:
+    """The library's default ``init_std``: ``1 / sqrt(D)``, a unit-norm row in expectation."""
+    return embedding_dim**-0.5
+
+
+def resolve_init_std(init_std: float | None, embedding_dim: int) -> float:
+    """``init_std`` checked (a positive finite number), or the library default for ``None``."""
+    if init_std is None:
+        return default_init_std(embedding_dim)
+    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not (
+        math.isfinite(init_std) and init_std > 0
+    ):
+        raise ValueError(f"init_std must be a positive finite number (the std of the returned vectors) or None "
+                         f"(the default 1/sqrt(D)), got {init_std!r}")
+    return float(init_std)
+
+
+def init_rows_(weight: torch.Tensor, std: float) -> torch.Tensor:
+    """Fill embedding rows with ``N(0, std**2)`` in place (on the ``meta`` device: nothing to fill)."""
     with torch.no_grad():
-        return weight.normal_(0.0, weight.shape[-1] ** -0.5)
+        return weight.normal_(0.0, std)

@@ -13,7 +13,7 @@ import inspect
 import re
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-__all__ = ["Registry", "RegistryError", "SpecError", "check_kwargs"]
+__all__ = ["Registry", "RegistryError", "SpecError", "check_kwargs", "check_table_options"]
 
 T = TypeVar("T")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*\.v[0-9]+$")
@@ -51,6 +51,20 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], what: str, provide
     ]
     if missing:
         raise SpecError(f"{what}: missing required key(s) {', '.join(map(repr, missing))}")
+
+
+def check_table_options(cls, options: Mapping[str, Any], what: str) -> None:
+    """Check a table spec's options (``type`` removed) against ``cls``: its constructor's keys, and with a
+    ``budget_bytes`` key the constructor's keys less those the budget decides (``cls.budget_keys``)."""
+    if "budget_bytes" not in options:
+        check_kwargs(cls, options, what, provided=("cardinalities", "embedding_dim"))
+        return
+    solved = tuple(getattr(cls, "budget_keys", ()))
+    for key in solved:
+        if key in options:
+            raise SpecError(f"{what}: key {key!r} is solved from budget_bytes; give one or the other")
+    rest = {k: v for k, v in options.items() if k != "budget_bytes"}
+    check_kwargs(cls, rest, what, provided=("cardinalities", "embedding_dim", *solved))
 
 
 class Registry(Generic[T]):
@@ -134,8 +148,8 @@ def _split_spec(spec: Mapping[str, Any], registry: Registry) -> tuple[Any, dict[
 def build_table(spec: Mapping[str, Any], cardinalities, embedding_dim: int, *, field_names=None):
     """Build a table from ``{"type": "hashing.v1", ...options}``.
 
-    With a ``budget_bytes`` key the method's ``from_budget`` builds it to that many bytes; the other keys are
-    checked against the constructor (or ``from_budget``) signature first.
+    With a ``budget_bytes`` key the method's ``from_budget`` builds the largest table of at most that many bytes;
+    the other keys are checked against the constructor's signature first.
 
     >>> t = build_table({"type": "hashing.v1", "budget_bytes": 4096}, [1000, 50], 8)
     >>> t.memory_report().total_bytes <= 4096
@@ -144,11 +158,10 @@ def build_table(spec: Mapping[str, Any], cardinalities, embedding_dim: int, *, f
     _load_builtins()
     cls, options = _split_spec(spec, TABLES)
     what = f"table spec {cls.registry_name!r}"
+    check_table_options(cls, options, what)
     if "budget_bytes" in options:
-        check_kwargs(cls.from_budget, options, what, provided=("cardinalities", "embedding_dim"))
         table = cls.from_budget(cardinalities, embedding_dim, **options)
     else:
-        check_kwargs(cls, options, what, provided=("cardinalities", "embedding_dim"))
         table = cls(cardinalities, embedding_dim, **options)
     if field_names is not None:
         table.set_field_names(field_names)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .bench import _lookup, _unknown
 from .memory import baseline_bytes
-from .registry import TABLES, SpecError, _load_builtins, build_table, check_kwargs
+from .registry import TABLES, SpecError, _load_builtins, build_table, check_table_options
 from .synthetic import CRITEO_KAGGLE_CARDINALITIES
 from .training import TrainConfig, _optimizers, _regularization
 
@@ -86,8 +86,7 @@ def load_speed_suite(path: str | os.PathLike) -> SpeedSuite:
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
             raise SpecError(f"{mwhere}: compression must be a positive number, got {ratio!r}")
         options = {k: v for k, v in table.items() if k != "type"}
-        check_kwargs(cls.from_budget if ratio else cls, {**options, **({"budget_bytes": 1} if ratio else {})},
-                     mwhere, provided=("cardinalities", "embedding_dim"))
+        check_table_options(cls, {**options, **({"budget_bytes": 1} if ratio else {})}, mwhere)
         optimizer = m.get("optimizer", "adam")
         if optimizer not in _OPTIMIZERS:
             raise SpecError(f"{mwhere}: optimizer must be one of {', '.join(_OPTIMIZERS)}, got {optimizer!r}")

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, init_rows_
-from embcompress.memory import baseline_bytes
+from embcompress.contract import BudgetKnob, CompressedEmbedding, init_rows_, resolve_init_std
 from embcompress.registry import TABLES
 
 
@@ -25,6 +24,7 @@ class FullEmbedding(CompressedEmbedding):
     """One row per id per field.
 
     Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``; ids of field ``f`` must lie in ``[0, n_f)``.
+    Rows start ``N(0, init_std**2)`` (``None``: the library default, see :func:`embcompress.contract.default_init_std`).
 
     >>> import torch
     >>> t = FullEmbedding([10, 3], 4, sparse=True)
@@ -34,10 +34,14 @@ class FullEmbedding(CompressedEmbedding):
     True
     """
 
-    def __init__(self, cardinalities: int | Sequence[int], embedding_dim: int, *, sparse: bool = False) -> None:
+    def __init__(
+        self, cardinalities: int | Sequence[int], embedding_dim: int, *, sparse: bool = False,
+        init_std: float | None = None,
+    ) -> None:
         super().__init__(cardinalities, embedding_dim)
         self.sparse = bool(sparse)
-        self.weight = nn.Parameter(init_rows_(torch.empty(sum(self.cardinalities), embedding_dim)))
+        self.init_std = resolve_init_std(init_std, embedding_dim)
+        self.weight = nn.Parameter(init_rows_(torch.empty(sum(self.cardinalities), embedding_dim), self.init_std))
         offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
 
@@ -45,16 +49,9 @@ class FullEmbedding(CompressedEmbedding):
         return F.embedding(ids + self.offsets[fields], self.weight, sparse=self.sparse)
 
     @classmethod
-    def from_budget(cls, cardinalities, embedding_dim, *, budget_bytes: int, sparse: bool = False):
-        """A full table has one size; it is built only when it fits the budget."""
-        budget = cls._check_budget(budget_bytes)
-        need = cls.planned_bytes(cardinalities, embedding_dim, sparse=sparse)
-        if need > budget:
-            raise BudgetError(
-                f"full.v1 stores every row and needs {need:,} bytes, over the budget of {budget:,} bytes "
-                f"(baseline {baseline_bytes(cardinalities, embedding_dim):,}); it cannot compress"
-            )
-        return cls(cardinalities, embedding_dim, sparse=sparse)
+    def budget_knob(cls, cardinalities, embedding_dim, **options) -> BudgetKnob:
+        # One size: it is built when the budget holds every row, and cannot compress.
+        return BudgetKnob("every row stored: it cannot compress", 1, 1, lambda _: {})
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.weight] if self.sparse else []

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, check_positive_int, check_seed
+from embcompress.contract import BudgetKnob, CompressedEmbedding, check_positive_int, check_seed, resolve_init_std
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
 
@@ -56,6 +56,7 @@ class HashEmbedding(CompressedEmbedding):
             to ``D`` with a bias-free linear layer.
         seed: selects the hash functions; the derived seeds are saved in the state_dict.
         sparse: sparse gradients for ``pool`` and ``importance`` (use with ``torch.optim.SparseAdam``).
+        init_std: std of the returned vectors at initialisation (``None``: the library default).
 
     >>> import torch
     >>> t = HashEmbedding([10**9, 500, 3], 8, num_buckets=1000)
@@ -78,8 +79,10 @@ class HashEmbedding(CompressedEmbedding):
         append_weights: bool = False,
         seed: int = 0,
         sparse: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
+        self.init_std = resolve_init_std(init_std, embedding_dim)
         self.num_buckets = check_positive_int("num_buckets", num_buckets)
         self.num_hashes = k = check_positive_int("num_hashes", num_hashes)
         for name, flag in (("weights", weights), ("append_weights", append_weights), ("sparse", sparse)):
@@ -92,13 +95,12 @@ class HashEmbedding(CompressedEmbedding):
         self.append_weights = append_weights
         self.sparse = sparse
         D = embedding_dim
-        # Init: importance weights start at 1 and pool rows N(0, 1/(k D)), so for distinct rows
-        # Var(sum_i p_i E_i) = k * 1 * 1/(k D) = 1/D, a full table row's scale; weights=False gives the same
-        # output at init. The projection starts as [I_D | 0], i.e. the weighted sum unchanged; the zero
+        # Init: importance weights start at 1 and pool rows N(0, s**2 / k), so for distinct rows
+        # Var(sum_i p_i E_i) = k * 1 * s**2 / k = s**2 with s = init_std; weights=False gives the same output. The projection starts as [I_D | 0], i.e. the weighted sum unchanged; the zero
         # columns still get gradients (they multiply the non-zero weights).
         pool = torch.empty(self.num_buckets, D)
         with torch.no_grad():
-            pool.normal_(0.0, (k * D) ** -0.5)
+            pool.normal_(0.0, self.init_std / k**0.5)
         self.pool = nn.Parameter(pool)
         self.importance = nn.Parameter(torch.ones(self.num_buckets, k)) if weights else None
         if append_weights:
@@ -121,37 +123,12 @@ class HashEmbedding(CompressedEmbedding):
             out = F.linear(torch.cat([out, p], dim=-1), self.projection)
         return out
 
-    @classmethod
-    def from_budget(
-        cls,
-        cardinalities: int | Sequence[int],
-        embedding_dim: int,
-        *,
-        budget_bytes: int,
-        num_hashes: int = 2,
-        weights: bool = True,
-        append_weights: bool = False,
-        seed: int = 0,
-        sparse: bool = False,
-    ):
-        """The largest ``B`` with ``B * (D + k) * 4 + projection + seeds <= budget_bytes``.
+    budget_keys = ("num_buckets",)
 
-        ``k`` counts only with ``weights``; ``K = B`` grows with ``B``, so one row of each costs ``(D + k) * 4``.
-        """
-        budget = cls._check_budget(budget_bytes)
-        options = dict(
-            num_hashes=num_hashes, weights=weights, append_weights=append_weights, seed=seed, sparse=sparse
-        )
-        probe = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options)
-        per_b = (embedding_dim + (num_hashes if weights else 0)) * 4  # one pool row and one importance row
-        overhead = probe - per_b
-        rows = (budget - overhead) // per_b
-        if rows < 1:
-            raise BudgetError(
-                f"hash_embedding.v1: a budget of {budget:,} bytes leaves no room for one pool row after "
-                f"{overhead:,} bytes of seeds and projection (minimum budget {overhead + per_b:,} bytes)"
-            )
-        return cls(cardinalities, embedding_dim, num_buckets=int(rows), **options)
+    @classmethod
+    def budget_knob(cls, cardinalities, embedding_dim, **options) -> BudgetKnob:
+        """``B``, the pool rows; ``K = B`` importance rows grow with it."""
+        return BudgetKnob("num_buckets", 1, None, lambda b: {"num_buckets": int(b)})
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         if not self.sparse:

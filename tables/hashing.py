@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, as_cardinalities, check_seed, init_rows_
+from embcompress.contract import (
+    BudgetKnob, CompressedEmbedding, as_cardinalities, check_seed, init_rows_, resolve_init_std,
+)
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
 
@@ -50,6 +52,8 @@ class HashingEmbedding(CompressedEmbedding):
             fields are stored uncompressed and need ids below ``n_f``).
         seed: selects the hash functions; the derived per-field seeds are saved in the state_dict.
         sparse: sparse gradients (use with ``torch.optim.SparseAdam``).
+        init_std: std of the returned vectors at initialisation (double-hashed rows start at ``init_std /
+            sqrt(2)`` so their sums match); ``None``: the library default.
 
     >>> import torch
     >>> t = HashingEmbedding(10**12, 8, num_buckets=1000)  # a single table over raw 64-bit ids
@@ -72,9 +76,11 @@ class HashingEmbedding(CompressedEmbedding):
         hash_small_fields: bool = False,
         seed: int = 0,
         sparse: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         check_seed(seed)
+        self.init_std = resolve_init_std(init_std, embedding_dim)
         if isinstance(frequent, bool) or not isinstance(frequent, numbers.Integral) or frequent < 0:
             raise ValueError(f"frequent must be a non-negative int (dedicated rows per field), got {frequent!r}")
         if frequent and shared:
@@ -97,9 +103,9 @@ class HashingEmbedding(CompressedEmbedding):
             total = sum(sizes)
         self.accepts_raw_ids = not any(direct)
         num_hashes = 2 if self.frequent else 1
-        self.weight = nn.Parameter(init_rows_(torch.empty(total, embedding_dim)))
+        self.weight = nn.Parameter(init_rows_(torch.empty(total, embedding_dim), self.init_std))
         if self.frequent:
-            # Double-hashed vectors are sums of two rows: halve those rows' variance to keep the output at 1/D.
+            # Double-hashed vectors are sums of two rows: halve those rows' variance to keep the output's.
             with torch.no_grad():
                 for k, m, off, d in zip(dedicated, rows, offsets, direct):
                     if not d:
@@ -153,48 +159,25 @@ class HashingEmbedding(CompressedEmbedding):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.weight] if self.sparse else []
 
-    @classmethod
-    def from_budget(
-        cls,
-        cardinalities: int | Sequence[int],
-        embedding_dim: int,
-        *,
-        budget_bytes: int,
-        shared: bool = False,
-        frequent: int = 0,
-        hash_small_fields: bool = False,
-        seed: int = 0,
-        sparse: bool = False,
-    ):
-        """Spend the budget on rows: shared, or water-filled over fields (``m_f = min(n_f, c)``, largest ``c``).
+    budget_keys = ("num_buckets",)
 
-        With ``frequent=K`` the dedicated rows come first and the rest is water-filled over the remaining ids.
-        """
-        budget = cls._check_budget(budget_bytes)
-        options = dict(shared=shared, frequent=frequent, hash_small_fields=hash_small_fields, seed=seed,
-                       sparse=sparse)
-        cards = list(as_cardinalities(cardinalities))
-        row_bytes = embedding_dim * 4
-        probe = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options)
-        dedicated = sum(min(int(frequent), n) for n in cards) if not shared else 0
-        rest = [n - min(int(frequent), n) for n in cards]
-        probe_rows = 1 if shared else dedicated + sum(min(1, r) for r in rest)
-        overhead = probe - probe_rows * row_bytes
-        rows = (budget - overhead) // row_bytes - dedicated
-        need = 1 if shared else sum(1 for r in rest if r > 0)
-        if rows < need:
-            minimum = overhead + (dedicated + max(need, 1)) * row_bytes
-            raise BudgetError(
-                f"hashing.v1: a budget of {budget:,} bytes leaves room for {max(rows, 0)} hashed rows of dim "
-                f"{embedding_dim} after {overhead:,} bytes of buffers and {dedicated} dedicated rows; at least "
-                f"{need} needed (minimum budget {minimum:,} bytes)"
-            )
+    @classmethod
+    def budget_knob(cls, cardinalities, embedding_dim, *, shared: bool = False, frequent: int = 0,
+                    **options) -> BudgetKnob:
+        """The knob is the number of hashed rows: the shared table's, or split over fields by water-filling
+        (``m_f = min(n_f, c)``, largest ``c``) after the ``frequent`` dedicated rows of each field."""
         if shared:
-            return cls(cardinalities, embedding_dim, num_buckets=int(rows), **options)
+            return BudgetKnob("num_buckets", 1, None, lambda m: {"num_buckets": int(m)})
+        cards = as_cardinalities(cardinalities)
+        k = frequent if isinstance(frequent, int) and frequent > 0 else 0
+        rest = [n - min(k, n) for n in cards]
         hashed = [r for r in rest if r > 0]
-        filled = iter(water_fill(hashed, int(rows)) if hashed else [])
-        num_buckets = [next(filled) if r > 0 else 1 for r in rest]
-        return cls(cardinalities, embedding_dim, num_buckets=num_buckets, **options)
+
+        def split(rows) -> dict:
+            filled = iter(water_fill(hashed, int(rows)) if hashed else [])
+            return {"num_buckets": [next(filled) if r > 0 else 1 for r in rest]}
+
+        return BudgetKnob("hashed rows", max(len(hashed), 1), max(sum(hashed), 1), split)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rows={self.weight.shape[0]}, shared={self.shared}, "

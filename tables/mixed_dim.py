@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, as_cardinalities, init_rows_
+from embcompress.contract import BudgetKnob, CompressedEmbedding, as_cardinalities, init_rows_, resolve_init_std
 from embcompress.registry import TABLES
 
 __all__ = ["MixedDimEmbedding", "MixedDimPlan", "plan_mixed_dims", "block_bounds", "zipf_block_popularity"]
@@ -269,6 +269,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         blocks_per_field: frequency blocks per field (geometric id ranges, Zipf-estimated popularity).
         round_dims: only widths that are powers of two (or ``D``).
         sparse: sparse gradients for the row weights (use ``torch.optim.SparseAdam``); projections stay dense.
+        init_std: std of the returned (projected) vectors at initialisation (``None``: the library default).
 
     >>> import torch
     >>> t = MixedDimEmbedding([1000, 10], 8, scale=40.0, alpha=0.5)
@@ -290,9 +291,11 @@ class MixedDimEmbedding(CompressedEmbedding):
         blocks_per_field: int = 1,
         round_dims: bool = False,
         sparse: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         _check_options(scale, alpha, blocks_per_field, round_dims, sparse)
+        self.init_std = resolve_init_std(init_std, embedding_dim)
         if scale is None:
             raise ValueError("scale must be a finite number >= 0 (the power-law lambda), got None")
         self.scale, self.alpha = float(scale), float(alpha)
@@ -326,10 +329,13 @@ class MixedDimEmbedding(CompressedEmbedding):
             else:
                 slots.append(-1)
         self._stack_offsets = list(itertools.accumulate(map(len, stacks), initial=0))
-        # Rows start as the full table's, N(0, 1/d) per entry, projection entries N(0, 1/D): an output coordinate
-        # sum_{j<d} row_j * P_jk then has variance d * (1/d) * (1/D) = 1/D, the full table's N(0, 1/D).
+        # Projection entries start N(0, 1/D) and rows of width d < D N(0, s**2 D / d): an output coordinate
+        # sum_{j<d} row_j * P_jk then has variance d * (s**2 D / d) * (1/D) = s**2 with s = init_std, and
+        # full-width rows (no projection) start at s itself.
+        s = self.init_std
         self.weights = nn.ParameterList(
-            nn.Parameter(init_rows_(torch.empty(r, d))) for r, d in zip(group_rows, self.dims)
+            nn.Parameter(init_rows_(torch.empty(r, d), s if d == D else s * (D / d) ** 0.5))
+            for r, d in zip(group_rows, self.dims)
         )
         if proj_base[-1]:
             self.projection = nn.Parameter(torch.empty(proj_base[-1], D).normal_(0.0, D**-0.5))
@@ -395,54 +401,31 @@ class MixedDimEmbedding(CompressedEmbedding):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return list(self.weights) if self.sparse else []
 
-    @classmethod
-    def from_budget(
-        cls,
-        cardinalities: int | Sequence[int],
-        embedding_dim: int,
-        *,
-        budget_bytes: int,
-        alpha: float = 0.3,
-        blocks_per_field: int = 1,
-        round_dims: bool = False,
-        sparse: bool = False,
-    ):
-        """Solve ``scale`` by bisection on the exact bytes of the plan (rows, projections, buffers).
+    budget_keys = ("scale",)
 
-        Every width is at least 1, so a table stores at least ``sum(n_f) * 4`` bytes of rows: budgets under the
-        width-1 table (about ``D``x compression) raise :class:`BudgetError` naming the smallest reachable budget.
-        """
-        budget = cls._check_budget(budget_bytes)
+    @classmethod
+    def planned_bytes(cls, cardinalities, embedding_dim, *, scale: float, alpha: float = 0.3,
+                      blocks_per_field: int = 1, round_dims: bool = False, **options) -> int:
+        # The plan's byte count is exact (the hand counts test it against built tables) and needs no module.
+        return plan_mixed_dims(as_cardinalities(cardinalities), embedding_dim, scale=scale, alpha=alpha,
+                               blocks_per_field=blocks_per_field, round_dims=round_dims).total_bytes
+
+    @classmethod
+    def budget_knob(cls, cardinalities, embedding_dim, *, alpha: float = 0.3, blocks_per_field: int = 1,
+                    round_dims: bool = False, **options) -> BudgetKnob:
+        """The power-law ``scale``, a real knob. Bytes grow with it, up to small dips (a block's split head
+        vanishing at an integer width, a tiny block switching to full width), so the bisection ends on an upward
+        step no larger than one row plus one projection row set. Every width is at least 1: budgets under the
+        width-1 table (about ``D``x compression) raise :class:`BudgetError` naming that table's bytes."""
         cards = as_cardinalities(cardinalities)
         _check_dim(embedding_dim)
-        _check_options(None, alpha, blocks_per_field, round_dims, sparse)
-        options = dict(alpha=alpha, blocks_per_field=blocks_per_field, round_dims=round_dims)
-
-        def size(scale: float) -> int:
-            return plan_mixed_dims(cards, embedding_dim, scale=scale, **options).total_bytes
-
-        smallest = size(0.0)
-        if smallest > budget:
-            raise BudgetError(
-                f"{_NAME}: a budget of {budget:,} bytes is under the smallest table (width 1 for the "
-                f"{sum(cards):,} ids, plus projections and buffers): minimum budget {smallest:,} bytes; a width "
-                f"is at least 1, so mixed dimensions compress at most about {embedding_dim}x"
-            )
+        _check_options(None, alpha, blocks_per_field, round_dims, False)
+        plan = plan_mixed_dims(cards, embedding_dim, scale=0.0, alpha=alpha, blocks_per_field=blocks_per_field,
+                               round_dims=round_dims)
         # Above this scale every block is at full width D: the largest table.
-        least_popular = min(b[3] for b in plan_mixed_dims(cards, embedding_dim, scale=0.0, **options).blocks)
-        lo, hi = 0.0, 2.0 * embedding_dim / least_popular**alpha
-        if size(hi) <= budget:
-            return cls(cardinalities, embedding_dim, scale=hi, sparse=sparse, **options)
-        # Invariant size(lo) <= budget < size(hi). Bytes grow with scale, up to small dips (a block's split head
-        # disappearing at an integer width, a tiny block switching to full width), so the bisection ends on an
-        # upward step no larger than one row plus one projection row set, wherever it crosses the budget.
-        while hi - lo > 1e-12 * hi:
-            mid = 0.5 * (lo + hi)
-            if size(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid
-        return cls(cardinalities, embedding_dim, scale=lo, sparse=sparse, **options)
+        least_popular = min(b[3] for b in plan.blocks)
+        return BudgetKnob("scale", 0.0, 2.0 * embedding_dim / least_popular**alpha, lambda x: {"scale": float(x)},
+                          integer=False)
 
     def extra_repr(self) -> str:
         return (

@@ -33,7 +33,6 @@ a dense int32 map would cost 32 bits per id.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from typing import ClassVar, Sequence
 
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, check_positive_int
+from embcompress.contract import BudgetError, CompressedEmbedding, as_cardinalities, check_positive_int
 from embcompress.registry import TABLES
 
 __all__ = ["OptEmbed", "OptEmbedExport", "RowMaskSTE", "ste_scale", "THRESHOLD_MODES", "OOV_MODES", "STAGES"]
@@ -286,7 +285,7 @@ class OptEmbed(CompressedEmbedding):
         Raises :class:`BudgetError` when even an export that keeps no row (the id map alone) is over budget.
         """
         budget = cls._check_budget(budget_bytes)
-        cards = [cardinalities] if isinstance(cardinalities, int) else list(cardinalities)
+        cards = list(as_cardinalities(cardinalities))
         floor = OptEmbedExport.storage_bytes(cards, embedding_dim, [0] * len(cards), [1] * len(cards),
                                              learned_oov=options.get("oov") == "learned")
         if floor > budget:
@@ -321,17 +320,6 @@ class OptEmbed(CompressedEmbedding):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold_mode!r}, "
                 f"oov={self.oov_mode!r}, budget_bytes={self.budget_bytes}")
-
-
-def _from_budget_signature() -> inspect.Signature:
-    # from_budget takes every constructor option by keyword; spec checking reads this signature.
-    params = list(inspect.signature(OptEmbed.__init__).parameters.values())
-    params[0] = params[0].replace(name="cls")
-    params = [p.replace(default=p.empty) if p.name == "budget_bytes" else p for p in params]
-    return inspect.Signature(params)
-
-
-OptEmbed.from_budget.__func__.__signature__ = _from_budget_signature()
 
 
 class OptEmbedExport(CompressedEmbedding):

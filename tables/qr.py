@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding
+from embcompress.contract import BudgetKnob, CompressedEmbedding, as_cardinalities, init_rows_, resolve_init_std
 from embcompress.registry import TABLES
 
 __all__ = ["QREmbedding", "partition_plan", "partition_indices", "sub_dims"]
@@ -149,6 +149,8 @@ class QREmbedding(CompressedEmbedding):
         operation: ``"mult"`` (elementwise product), ``"add"`` or ``"concat"`` (needs ``D >= k``).
         threshold: fields with at most this many ids keep a full table (default 200, as in the paper).
         sparse: sparse gradients for the weights (use with ``torch.optim.SparseAdam``).
+        init_std: std of the composed vectors at initialisation (``None``: the library default); the sub-table
+            rows start at the scale that gives it (see the comment in ``__init__``).
 
     >>> import torch
     >>> t = QREmbedding([10**6, 50], 8, collisions=1000)  # field 0: 1000 + 1000 rows; field 1: full
@@ -169,9 +171,11 @@ class QREmbedding(CompressedEmbedding):
         operation: str = "mult",
         threshold: int = 200,
         sparse: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         _check_options(embedding_dim, scheme, partitions, operation, threshold)
+        self.init_std = s = resolve_init_std(init_std, embedding_dim)
         c_per_field = self._collisions_per_field(collisions)
         k = int(partitions)
         self.scheme, self.partitions, self.operation = scheme, k, operation
@@ -203,19 +207,17 @@ class QREmbedding(CompressedEmbedding):
                 count[w] += m
             offsets.append(row)
 
-        # Init so composed vectors start like full rows, N(0, 1/D): a product of k independent zero-mean
-        # factors of variance s**2 has variance s**(2k), so mult uses s = D**(-1/(2k)); a sum of k has variance
-        # k * s**2, so add uses s = (k * D)**-0.5; concat parts are entries of the output, so N(0, 1/D).
-        # Full fields' rows are used alone and get N(0, 1/D) directly.
-        full_std = embedding_dim**-0.5
-        std = {"mult": embedding_dim ** (-0.5 / k), "add": (k * embedding_dim) ** -0.5, "concat": full_std}[operation]
+        # Init so composed vectors have std s = init_std: a product of k independent zero-mean factors of std t
+        # has std t**k, so mult uses t = s**(1/k); a sum of k has std sqrt(k) t, so add uses t = s / sqrt(k);
+        # concat parts are entries of the output, so t = s. Full fields' rows are used alone and get s.
+        std = {"mult": s ** (1.0 / k), "add": s / k**0.5, "concat": s}[operation]
         weights = [torch.empty(count[0], dims[-1]), torch.empty(count[1], dims[0]) if wide else None]
         with torch.no_grad():
             for w in weights:
                 if w is not None:
-                    w.normal_(0.0, std)
+                    init_rows_(w, std)
             for w, start, n in full_ranges:
-                weights[w][start : start + n].normal_(0.0, full_std)
+                init_rows_(weights[w][start : start + n], s)
         self.weight = nn.Parameter(weights[0])
         self.register_parameter("weight_wide", nn.Parameter(weights[1]) if wide else None)
 
@@ -287,93 +289,57 @@ class QREmbedding(CompressedEmbedding):
         return [self.weight] + ([self.weight_wide] if self.weight_wide is not None else [])
 
     # ---------------------------------------------------------------------------------------------- budget
-    @classmethod
-    def from_budget(
-        cls,
-        cardinalities: int | Sequence[int],
-        embedding_dim: int,
-        *,
-        budget_bytes: int,
-        scheme: str = "qr",
-        partitions: int = 2,
-        operation: str = "mult",
-        threshold: int = 200,
-        sparse: bool = False,
-    ):
-        """Choose the collision knob per field so the table lands in ``[0.95, 1] x budget_bytes``.
+    budget_keys = ("collisions",)
 
-        Fields start from one common ``c`` (each capped at its memory-minimising value), the smallest ``c``
-        that fits; the slack is then spent field by field, largest first, on the fewest collisions that still
-        fit. Raises :class:`BudgetError` naming the smallest reachable budget when even the minimal
-        footprint (``c ~ n**(1/k)``) does not fit, or when QR's coarse sizes at low compression leave nothing
-        within 5% under the budget (naming the closest table size under it).
-        """
-        budget = cls._check_budget(budget_bytes)
+    @classmethod
+    def budget_knob(cls, cardinalities, embedding_dim, *, scheme: str = "qr", partitions: int = 2,
+                    operation: str = "mult", threshold: int = 200, **options) -> BudgetKnob:
+        """The knob is one collision level ``c`` for every compressed field, each capped at its
+        memory-minimising value; what the solved level leaves of the budget is then spent field by field on
+        fewer collisions (largest fields first for big steps, then smallest first for fine ones; the closest
+        to the budget of a few such fills is kept)."""
         _check_options(embedding_dim, scheme, partitions, operation, threshold)
-        options = dict(scheme=scheme, partitions=partitions, operation=operation, threshold=threshold, sparse=sparse)
-        name = getattr(cls, "registry_name", cls.__name__)
-        # Everything but the compressed fields' sub-tables: buffers and full fields, measured, not guessed.
-        probe = cls.planned_bytes(cardinalities, embedding_dim, collisions=1, **options)
-        cards = [int(cardinalities)] if isinstance(cardinalities, numbers.Integral) else [int(n) for n in cardinalities]
+        cards = list(as_cardinalities(cardinalities))
         dims = sub_dims(embedding_dim, partitions, operation)
 
         def cost(n: int, c: int) -> int:  # bytes of a compressed field's sub-tables
             return 4 * sum(m * d for m, d in zip(partition_plan(n, c, scheme, partitions)[1], dims))
 
         qr = [f for f, n in enumerate(cards) if n > threshold]
-        fixed = probe - sum(cost(cards[f], 1) for f in qr)
         best = {f: _cheapest(lambda c, n=cards[f]: cost(n, c), cards[f], partitions) for f in qr}
-        smallest = fixed + sum(cost(cards[f], best[f]) for f in qr)
-        if smallest > budget:
-            raise BudgetError(
-                f"{name}: a budget of {budget:,} bytes is below the smallest footprint of {smallest:,} bytes "
-                f"(minimum budget {smallest:,} bytes: {partitions} partitions of about n**(1/{partitions}) rows "
-                f"for each field over threshold={threshold}, plus {fixed:,} bytes of full tables and buffers)"
-            )
-        if not qr and fixed < 0.95 * budget:
-            raise BudgetError(
-                f"{name}: every field has at most threshold={threshold} ids and is stored full in {fixed:,} "
-                f"bytes, under 95% of the budget of {budget:,} bytes; lower threshold to compress"
-            )
 
-        def total(cs: dict[int, int]) -> int:
-            return fixed + sum(cost(cards[f], c) for f, c in cs.items())
+        def level(c) -> dict[int, int]:
+            return {f: min(int(c), best[f]) for f in qr}
 
-        def fill(cs: dict[int, int], order: list[int]) -> dict[int, int]:
-            cs = dict(cs)
-            for f in order:
-                slack = budget - total(cs)
-                if slack < 0:
-                    break
-                cs[f] = _fewest_collisions(lambda c, n=cards[f]: cost(n, c), cs[f], cost(cards[f], cs[f]) + slack)
-            return cs
+        def kwargs(cs: dict[int, int]) -> dict:
+            return {"collisions": [cs.get(f, 1) for f in range(len(cards))]}
 
-        def level(c: int) -> dict[int, int]:
-            return {f: min(c, best[f]) for f in qr}
+        def refine(c, budget: int) -> dict:
+            # Bytes outside the compressed fields' sub-tables (full fields, buffers), measured once.
+            fixed = cls.planned_bytes(cardinalities, embedding_dim, scheme=scheme, partitions=partitions,
+                                      operation=operation, threshold=threshold, **options, **kwargs(level(c)))
+            fixed -= sum(cost(cards[f], cf) for f, cf in level(c).items())
 
-        lo, hi = 1, max(best.values(), default=1)  # total(level(hi)) == smallest fits
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if total(level(mid)) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        # Spend the slack largest field first (big steps), then smallest first (fine steps); keep the closest.
-        by_size = sorted(qr, key=lambda i: -cards[i])
-        tries = [fill(level(c), order) for c in range(lo, lo + 4) for order in (by_size, by_size[::-1] + by_size)]
-        chosen = max(tries, key=lambda cs: (total(cs) if total(cs) <= budget else -1))
-        bytes_ = total(chosen)
-        if bytes_ < 0.95 * budget:
-            raise BudgetError(
-                f"{name}: the closest table under a budget of {budget:,} bytes stores {bytes_:,} bytes "
-                f"({bytes_ / budget:.1%} of it): partition sizes move in coarse steps at low compression "
-                f"(c + ceil(n / c) rows for two partitions), too coarse to land within 5% here; ask for "
-                f"{bytes_:,} bytes, or for a larger compression ratio"
-            )
-        table = cls(cardinalities, embedding_dim, collisions=[chosen.get(f, 1) for f in range(len(cards))], **options)
-        if table.memory_report().total_bytes != bytes_:  # the size model above must match the real table
-            raise RuntimeError(f"{name}: planned {bytes_:,} bytes, built {table.memory_report().total_bytes:,}")
-        return table
+            def total(cs: dict[int, int]) -> int:
+                return fixed + sum(cost(cards[f], cf) for f, cf in cs.items())
+
+            def fill(cs: dict[int, int], order: list[int]) -> dict[int, int]:
+                cs = dict(cs)
+                for f in order:
+                    slack = budget - total(cs)
+                    if slack < 0:
+                        break
+                    cs[f] = _fewest_collisions(lambda x, n=cards[f]: cost(n, x), cs[f], cost(cards[f], cs[f]) + slack)
+                return cs
+
+            by_size = sorted(qr, key=lambda f: -cards[f])
+            tries = [fill(level(x), order) for x in range(int(c), int(c) + 4)
+                     for order in (by_size, by_size[::-1] + by_size)]
+            tries = [cs for cs in tries if total(cs) <= budget] or [level(c)]
+            return kwargs(max(tries, key=total))
+
+        return BudgetKnob("collisions", 1, max(best.values(), default=1), lambda c: kwargs(level(c)),
+                          grows=False, refine=refine)
 
     def extra_repr(self) -> str:
         rows = self.weight.shape[0] + (self.weight_wide.shape[0] if self.weight_wide is not None else 0)

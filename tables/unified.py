@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, check_positive_int, check_seed
+from embcompress.contract import (
+    BudgetKnob, CompressedEmbedding, check_positive_int, check_seed, init_rows_, resolve_init_std,
+)
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
 
@@ -44,6 +46,7 @@ class UnifiedEmbedding(CompressedEmbedding):
         num_tables: number of shared tables; fields are assigned round robin (``f % num_tables``).
         seed: selects the hash functions; the derived seeds are saved in the state_dict.
         sparse: sparse gradients for ``weight`` (use with ``torch.optim.SparseAdam``).
+        init_std: std of the returned vectors at initialisation (``None``: the library default).
 
     >>> import torch
     >>> t = UnifiedEmbedding([10**9, 500, 3], 8, num_buckets=1000, chunks=2)
@@ -65,8 +68,10 @@ class UnifiedEmbedding(CompressedEmbedding):
         num_tables: int = 1,
         seed: int = 0,
         sparse: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
+        self.init_std = resolve_init_std(init_std, embedding_dim)
         self.num_buckets = check_positive_int("num_buckets", num_buckets)
         self.chunks = check_positive_int("chunks", chunks)
         self.num_tables = check_positive_int("num_tables", num_tables)
@@ -83,12 +88,9 @@ class UnifiedEmbedding(CompressedEmbedding):
         check_seed(seed)
         self.sparse = bool(sparse)
         self.chunk_dim = embedding_dim // self.chunks
-        # Each chunk row is drawn N(0, 1/D), not N(0, 1/d_chunk): the concatenated vector then has the same
-        # per-coordinate scale as a full table's row (init_rows_ would scale by the chunk width instead).
-        weight = torch.empty(self.num_tables * self.num_buckets, self.chunk_dim)
-        with torch.no_grad():
-            weight.normal_(0.0, embedding_dim**-0.5)
-        self.weight = nn.Parameter(weight)
+        # Chunks are entries of the output, so each starts at init_std itself.
+        self.weight = nn.Parameter(init_rows_(torch.empty(self.num_tables * self.num_buckets, self.chunk_dim),
+                                              self.init_std))
         seeds = field_seeds(int(seed), self.num_fields * self.chunks).view(self.num_fields, self.chunks)
         self.register_buffer("seeds", seeds.clone())
         offsets = [(f % self.num_tables) * self.num_buckets for f in range(self.num_fields)]
@@ -101,31 +103,12 @@ class UnifiedEmbedding(CompressedEmbedding):
         out = F.embedding(rows, self.weight, sparse=self.sparse)  # [..., k, d_chunk]
         return out.flatten(-2)
 
+    budget_keys = ("num_buckets",)
+
     @classmethod
-    def from_budget(
-        cls,
-        cardinalities: int | Sequence[int],
-        embedding_dim: int,
-        *,
-        budget_bytes: int,
-        chunks: int = 1,
-        num_tables: int = 1,
-        seed: int = 0,
-        sparse: bool = False,
-    ):
-        """The largest ``M`` with ``num_tables * M * (D / chunks) * 4 + buffers <= budget_bytes``."""
-        budget = cls._check_budget(budget_bytes)
-        options = dict(chunks=chunks, num_tables=num_tables, seed=seed, sparse=sparse)
-        probe = cls.planned_bytes(cardinalities, embedding_dim, num_buckets=1, **options)
-        per_m = num_tables * (embedding_dim // chunks) * 4  # bytes one more row in every table costs
-        overhead = probe - per_m
-        rows = (budget - overhead) // per_m
-        if rows < 1:
-            raise BudgetError(
-                f"unified.v1: a budget of {budget:,} bytes leaves no room for one row in each of {num_tables} "
-                f"table(s) after {overhead:,} bytes of buffers (minimum budget {overhead + per_m:,} bytes)"
-            )
-        return cls(cardinalities, embedding_dim, num_buckets=int(rows), **options)
+    def budget_knob(cls, cardinalities, embedding_dim, **options) -> BudgetKnob:
+        """``M``, the rows of each shared table."""
+        return BudgetKnob("num_buckets", 1, None, lambda m: {"num_buckets": int(m)})
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.weight] if self.sparse else []
