@@ -82,10 +82,18 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def tables_of(model: nn.Module) -> list[CompressedEmbedding]:
+    """The outermost tables of ``model``: a table that wraps another (a frequency remap) answers for it, so
+    nothing is optimised or regularised twice."""
+    inner = {id(sub) for m in model.modules() if isinstance(m, CompressedEmbedding)
+             for sub in m.modules() if sub is not m and isinstance(sub, CompressedEmbedding)}
+    return [m for m in model.modules() if isinstance(m, CompressedEmbedding) and id(m) not in inner]
+
+
 def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """Dense layers, table parameters with dense gradients, and sparse-gradient table parameters, each with
     their learning rate and weight decay; sparse ones under an optimizer that takes sparse gradients."""
-    tables = [m for m in model.modules() if isinstance(m, CompressedEmbedding)]
+    tables = tables_of(model)
     sgd_groups = [g for t in tables for g in t.sgd_parameter_groups()]
     own_ids = {id(p) for g in sgd_groups for p in g["params"]}
     sparse = [p for t in tables for p in t.sparse_parameters() if p.requires_grad and id(p) not in own_ids]
@@ -119,7 +127,7 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimize
 
 def _regularization(model: nn.Module) -> torch.Tensor | None:
     """The sum of the tables' own loss terms (OptEmbed's threshold regulariser); None when no table has one."""
-    terms = [t.regularization_loss() for t in model.modules() if isinstance(t, CompressedEmbedding)]
+    terms = [t.regularization_loss() for t in tables_of(model)]
     terms = [t for t in terms if t is not None]
     return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
 
