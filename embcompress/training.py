@@ -46,6 +46,9 @@ class TrainConfig:
     embedding_lr: float | None = None  # learning rate of the tables (default: lr)
     weight_decay: float = 0.0  # dense layers
     embedding_weight_decay: float = 0.0  # table parameters with dense gradients
+    # L2 on the vectors the tables return for a batch, sum over fields and width, mean over samples: it reaches
+    # sparse-gradient tables too (only the rows a batch touched get its gradient) and every method alike.
+    embedding_l2: float = 0.0
     lr_decay: float = 0.1  # learning rates are multiplied by this after an epoch without a better val AUC
     checkpoint: str | None = None  # file for the best weights (default: kept in memory)
 
@@ -60,7 +63,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("weight_decay", "embedding_weight_decay"):
+        for name in ("weight_decay", "embedding_weight_decay", "embedding_l2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -105,7 +108,8 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimize
     if sparse and cfg.embedding_weight_decay:
         raise ValueError(
             f"embedding_weight_decay={cfg.embedding_weight_decay} needs dense table gradients: {cfg.optimizer}'s "
-            "sparse update has no weight decay; build the table with sparse=False"
+            "sparse update has no weight decay; use embedding_l2 (L2 on the looked-up vectors), or build the table "
+            "with sparse=False"
         )
     groups = [
         {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
@@ -132,6 +136,30 @@ def _regularization(model: nn.Module) -> torch.Tensor | None:
     return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
 
 
+class _OutputL2:
+    """Collects ``sum ||e||^2`` of every vector the tables return in a forward pass (forward hooks), so the loss
+    can add ``embedding_l2 * that / batch``; tables called through ``forward_bags`` directly are not seen."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.total: torch.Tensor | None = None
+        self.handles = [t.register_forward_hook(self._hook) for t in tables_of(model)]
+
+    def _hook(self, module, inputs, output) -> None:
+        if module.training:
+            term = output.float().pow(2).sum()
+            self.total = term if self.total is None else self.total + term
+
+    def pop(self) -> torch.Tensor:
+        total, self.total = self.total, None
+        if total is None:
+            raise RuntimeError("embedding_l2 is set but no table was called in the forward pass")
+        return total
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu") -> np.ndarray:
     """Click probabilities of every row of ``data``."""
@@ -154,6 +182,15 @@ def evaluate(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: 
 def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> TrainResult:
     """Train ``model(dense, sparse) -> logits`` on ``data``'s train split; report val/test at the best epoch."""
     cfg = cfg or TrainConfig()
+    output_l2 = _OutputL2(model) if cfg.embedding_l2 > 0 else None
+    try:
+        return _train(model, data, cfg, output_l2)
+    finally:
+        if output_l2 is not None:
+            output_l2.close()
+
+
+def _train(model: nn.Module, data: CTRData, cfg: TrainConfig, output_l2: "_OutputL2 | None") -> TrainResult:
     model.to(cfg.device)
     opts = _optimizers(model, cfg)
     ddp, score = None, evaluate  # a DistContext, and metrics over gathered shards, when data-parallel
@@ -186,6 +223,8 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
                 batch = batch.to(cfg.device)
                 loss = ddp.loss(ddp.module(batch.dense, batch.sparse), batch.labels, size)
                 objective = loss + _regularization(model) if has_regularizer else loss
+                if output_l2 is not None:  # this rank's rows, weighted like its loss
+                    objective = objective + cfg.embedding_l2 * output_l2.pop() * (ddp.world_size / size)
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 objective.backward()
@@ -198,6 +237,8 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
             batch = batch.to(cfg.device)
             loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
             objective = loss + _regularization(model) if has_regularizer else loss
+            if output_l2 is not None:
+                objective = objective + cfg.embedding_l2 * output_l2.pop() / len(batch)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             objective.backward()

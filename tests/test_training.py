@@ -131,3 +131,37 @@ def fit_config(data, cfg):
     torch.manual_seed(0)
     table = build_table({"type": "full.v1", "sparse": True}, data.cardinalities, 8)
     return train(build_model(SMALL_MODEL, table, data.num_dense), data, cfg)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+def test_embedding_l2_reaches_sparse_tables_and_only_touched_rows(data, optimizer):
+    # L2 on the looked-up vectors: sparse-gradient tables get it through their sparse gradient, so rows no batch
+    # touches keep their initial values exactly, and the touched rows end smaller than without it.
+    def fitted(l2):
+        torch.manual_seed(0)
+        table = build_table({"type": "full.v1", "sparse": True, "init_std": 0.1}, data.cardinalities, 8)
+        start = table.weight.detach().clone()
+        model = build_model(SMALL_MODEL, table, data.num_dense)
+        train(model, data, TrainConfig(epochs=1, batch_size=1024, lr=0.01, optimizer=optimizer, embedding_l2=l2,
+                                       progress=False, patience=1))
+        return table, start
+
+    plain, start = fitted(0.0)
+    shrunk, start2 = fitted(0.05)
+    assert torch.equal(start, start2)
+    train_ids = torch.from_numpy(data.sparse[slice(*data.splits["train"])]) + plain.offsets
+    touched = torch.zeros(plain.weight.shape[0], dtype=torch.bool)
+    touched[train_ids.reshape(-1)] = True
+    assert (~touched).any() and touched.any()
+    assert torch.equal(shrunk.weight.detach()[~touched], start[~touched])
+    norm = lambda t: t.weight.detach()[touched].norm(dim=1).mean().item()  # noqa: E731
+    assert norm(shrunk) < 0.85 * norm(plain), (norm(shrunk), norm(plain))
+
+
+def test_embedding_l2_is_checked_and_its_hooks_are_removed(data):
+    with pytest.raises(ValueError, match="embedding_l2.*-1"):
+        TrainConfig(embedding_l2=-1)
+    table = build_table({"type": "hashing.v1", "num_buckets": 32}, data.cardinalities, 8)
+    model = build_model(SMALL_MODEL, table, data.num_dense)
+    train(model, data, TrainConfig(epochs=1, batch_size=4096, embedding_l2=1e-3, progress=False))
+    assert not table._forward_hooks
