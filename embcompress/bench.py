@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -39,10 +40,13 @@ from .training import TrainConfig, train
 
 __all__ = [
     "Suite", "MethodSpec", "load_suite", "default_suite_path", "run_suite", "read_results", "results_frame",
-    "format_table", "best_per_budget", "plot_results",
+    "format_table", "best_per_budget", "plot_results", "reference_of",
 ]
 
-_SUITE_KEYS = ("name", "data", "embedding_dim", "model", "models", "train", "seeds", "methods")
+_SUITE_KEYS = ("name", "data", "embedding_dim", "model", "models", "train", "tune", "seeds", "methods", "reference")
+# Training settings a tuning grid may search; seeds, devices and the like are not hyper-parameters.
+TUNABLE = ("lr", "embedding_lr", "weight_decay", "embedding_weight_decay", "embedding_l2", "batch_size", "optimizer",
+           "lr_decay")
 _METHOD_KEYS = ("name", "table", "compression")
 
 
@@ -77,6 +81,16 @@ class Suite:
     seeds: tuple[int, ...]
     methods: tuple[MethodSpec, ...]
     source: str = "<memory>"
+    #: The tuning grid: training setting -> values. Every run (the full table's too) trains each combination
+    #: and keeps the one with the best validation AUC; empty: the train settings as given.
+    tune: tuple[tuple[str, tuple], ...] = ()
+    #: Fit the scikit-learn one-hot logistic regression reference on the train split (once per data set).
+    reference: bool = True
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every combination of the tuning grid (one empty combination without a grid)."""
+        names = [k for k, _ in self.tune]
+        return [dict(zip(names, values)) for values in itertools.product(*(v for _, v in self.tune))]
 
     def runs(self) -> list[Run]:
         # Seeds outermost: a suite stopped part-way has every configuration once before it has any twice.
@@ -181,6 +195,10 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
         TrainConfig(**train_opts)
     except TypeError as err:
         raise SpecError(f"{where}: train: {err}") from None
+    tune = _check_tune(raw.get("tune"), train_opts, where)
+    reference = raw.get("reference", True)
+    if not isinstance(reference, bool):
+        raise SpecError(f"{where}: reference must be true or false, got {reference!r}")
     seeds = tuple(raw.get("seeds") or (0,))
     if not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise SpecError(f"{where}: seeds must be non-negative ints, got {list(seeds)}")
@@ -221,8 +239,31 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
                                   compression=tuple(float(r) for r in ratios)))
     return Suite(
         name=str(raw.get("name", path.stem)), data=data, embedding_dim=dim, models=tuple(models), train=train_opts,
-        seeds=seeds, methods=tuple(methods), source=str(path),
+        seeds=seeds, methods=tuple(methods), source=str(path), tune=tune, reference=reference,
     )
+
+
+def _check_tune(tune, train_opts: dict, where: str) -> tuple[tuple[str, tuple], ...]:
+    """``{setting: [values, ...]}`` over :data:`TUNABLE` settings not fixed in ``train``; every value checked."""
+    if tune is None:
+        return ()
+    if not isinstance(tune, dict) or not tune:
+        raise SpecError(f"{where}: tune must be a mapping of training settings to lists of values, got {tune!r}")
+    grid = []
+    for key, values in tune.items():
+        if key not in TUNABLE:
+            raise SpecError(f"{where}: tune.{key}: not a tunable training setting (one of {list(TUNABLE)})")
+        if key in train_opts:
+            raise SpecError(f"{where}: tune.{key} is also fixed in train; give it in one place")
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{where}: tune.{key} must be a non-empty list of values, got {values!r}")
+        for v in values:
+            try:
+                TrainConfig(**{**train_opts, key: v})
+            except (TypeError, ValueError) as err:
+                raise SpecError(f"{where}: tune.{key}: {err}") from None
+        grid.append((key, tuple(values)))
+    return tuple(grid)
 
 
 @contextlib.contextmanager
@@ -248,7 +289,8 @@ def _append_line(path: Path, record: dict) -> None:
         os.fsync(fd)
 
 
-def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: bool) -> dict:
+def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: bool,
+            trial: dict[str, Any] | None = None) -> dict:
     dim = suite.embedding_dim
     base = baseline_bytes(data.cardinalities, dim)
     spec = dict(run.method.table)
@@ -258,7 +300,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     table: CompressedEmbedding = build_table(spec, data.cardinalities, dim, field_names=data.field_names)
     model = build_model(run.model.spec, table, data.num_dense)
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in table.parameters())
-    cfg = TrainConfig(**{**suite.train, "seed": run.seed, "device": device, "progress": progress})
+    cfg = TrainConfig(**{**suite.train, **(trial or {}), "seed": run.seed, "device": device, "progress": progress})
     staged = {}
     start = time.perf_counter()
     if getattr(table, "trains_in_stages", False):
@@ -278,7 +320,8 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
         "test_auc": result.test_auc, "test_logloss": result.test_logloss,
         "val_auc": result.val_auc, "best_epoch": result.best_epoch,
         "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second,
-        "bayes_auc": data.bayes_auc, "wall_seconds": wall, **staged,
+        "bayes_auc": data.bayes_auc, "wall_seconds": wall, "target_bytes": spec.get("budget_bytes"),
+        "tuned": dict(trial or {}), **staged,
     }
 
 
@@ -293,7 +336,14 @@ def run_key(suite: Suite, run: Run) -> str:
         "data": suite.data, "embedding_dim": suite.embedding_dim, "model": run.model.spec, "train": suite.train,
         "method": run.method.name, "table": run.method.table, "ratio": run.ratio, "seed": run.seed,
     }
+    if suite.tune:  # absent without a grid, so the keys of suites without one are unchanged
+        config["tune"] = [[k, list(v)] for k, v in suite.tune]
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trial_key(key: str, trial: dict[str, Any]) -> str:
+    """Key of one combination of a run's tuning grid."""
+    return hashlib.sha256(json.dumps([key, trial], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _git_commit() -> str | None:
@@ -344,8 +394,9 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     if writer:
         with _locked_results(results_path):  # cuts a killed run's partial line; another shard may be writing
             pass
-    done = {r["run_key"]: r for r in (read_results(results_path) if results_path.exists() else [])
-            if r.get("status") == "ok" and "run_key" in r}
+    existing = read_results(results_path) if results_path.exists() else []
+    done = {r["run_key"]: r for r in existing if r.get("status") == "ok" and "run_key" in r}
+    trials_done = {r["run_key"]: r for r in existing if r.get("status") == "trial" and "run_key" in r}
     index, count = _check_shard(shard)
     runs = [(run, run_key(suite, run)) for run in suite.runs()]
     mine = runs[index::count]
@@ -355,24 +406,67 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     data = None
     meta = {"torch": torch.__version__, "python": platform.python_version(), "embcompress": __version__,
             "git_commit": _git_commit()}
-    for run, key in tqdm(todo, desc=f"suite {suite.name}", disable=None if progress else True):
-        if data is None:
-            data = load_data(suite)
-        try:
-            record = run_one(suite, data, run, device=device, progress=progress)
-            record["status"] = "ok"
-        except Exception as err:  # a failing run is recorded and the suite goes on
-            record = {**_run_fields(suite, run), "status": "failed", "error": f"{type(err).__name__}: {err}"}
+
+    def record_line(record: dict, key: str) -> dict:
         record.update(meta, run_key=key, peak_rss_mb=_peak_rss_mb())
         if writer:
             _append_line(results_path, record)
-        done[key] = record
+        return record
+
+    for run, key in tqdm(todo, desc=f"suite {suite.name}", disable=None if progress else True):
+        if data is None:
+            data = load_data(suite)
+            if suite.reference and index == 0 and writer:
+                _reference(suite, data, existing, record_line, progress)
+        done[key] = record_line(_tuned_run(suite, data, run, key, trials_done, record_line, device, progress), key)
     if count > 1 and results_path.exists():  # the other shards' runs too
         for r in read_results(results_path):
             key = r.get("run_key")
             if key and (key not in done or r.get("status") == "ok"):
                 done[key] = r
-    return [done[key] for _, key in runs if key in done]
+    references = [r for r in read_results(results_path) if r.get("status") == "reference"] if writer else []
+    return [done[key] for _, key in runs if key in done] + references[-1:]
+
+
+def _tuned_run(suite: Suite, data: CTRData, run: Run, key: str, trials_done: dict[str, dict], record_line,
+               device: str, progress: bool) -> dict:
+    """One run: trained once, or once per combination of the suite's tuning grid, keeping the combination with
+    the best validation AUC (its test AUC is the run's). Each finished trial is its own line, so a killed
+    tuning resumes; a failing trial fails the run (a budget error fails every combination alike)."""
+    results = []
+    for trial in suite.trials():
+        tkey = trial_key(key, trial) if suite.tune else key
+        record = trials_done.get(tkey)
+        if record is None:
+            try:
+                record = run_one(suite, data, run, device=device, progress=progress, trial=trial)
+            except Exception as err:  # recorded, and the suite goes on
+                return {**_run_fields(suite, run), "status": "failed", "error": f"{type(err).__name__}: {err}",
+                        **({"tuned": trial} if suite.tune else {})}
+            if suite.tune:
+                record = record_line({**record, "status": "trial", "parent_key": key}, tkey)
+        results.append(record)
+    if not suite.tune:
+        return {**results[0], "status": "ok"}
+    best = max(results, key=lambda r: r["val_auc"] if math.isfinite(r["val_auc"]) else -math.inf)
+    trials = [{"tuned": r["tuned"], "val_auc": r["val_auc"], "test_auc": r["test_auc"], "best_epoch": r["best_epoch"]}
+              for r in results]
+    record = {k: v for k, v in best.items() if k not in ("parent_key", "run_key", "peak_rss_mb")}
+    return {**record, "status": "ok", "trials": trials,
+            "tuning_seconds": sum(r.get("wall_seconds", 0.0) for r in results)}
+
+
+def _reference(suite: Suite, data: CTRData, existing: list[dict], record_line, progress: bool) -> None:
+    """The one-hot logistic regression reference of the suite's data, fitted once and kept as a line."""
+    from .reference import logistic_regression_reference
+
+    key = hashlib.sha256(json.dumps(["reference", suite.data], sort_keys=True).encode()).hexdigest()[:16]
+    if any(r.get("run_key") == key for r in existing if r.get("status") == "reference"):
+        return
+    if progress:
+        print("fitting the scikit-learn one-hot logistic regression reference", flush=True)
+    result = logistic_regression_reference(data)
+    record_line({"suite": suite.name, "status": "reference", **result.as_dict(), "bayes_auc": data.bayes_auc}, key)
 
 
 def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
@@ -414,10 +508,36 @@ def _mean(records: list[dict], key: str) -> float:
     return float(np.mean([r.get(key, math.nan) for r in records]))
 
 
+def _runs(records: list[dict]) -> list[dict]:
+    """The run records (finished or failed): not the tuning trials, nor the reference fit."""
+    return [r for r in records if r.get("status") in ("ok", "failed")]
+
+
+def reference_of(records: list[dict]) -> dict | None:
+    """The scikit-learn logistic regression reference recorded beside the runs (the last one), if any."""
+    refs = [r for r in records if r.get("status") == "reference"]
+    return refs[-1] if refs else None
+
+
+def _tuned_text(rs: list[dict]) -> str:
+    """The tuned settings the seeds chose, e.g. ``lr=0.002, embedding_l2=1e-05`` (``a/b`` where seeds differ)."""
+    keys = list(dict.fromkeys(k for r in rs for k in (r.get("tuned") or {})))
+    parts = []
+    for k in keys:
+        values = list(dict.fromkeys(f"{r['tuned'][k]:g}" if isinstance(r["tuned"].get(k), float)
+                                    else str(r["tuned"].get(k)) for r in rs))
+        parts.append(f"{k}={'/'.join(values)}")
+    return ", ".join(parts)
+
+
+#: A table this far under its budget is marked in the report: "at most" was met with room to spare.
+UNDER_TARGET = 0.95
+
+
 def _group(records: list[dict]) -> list[dict]:
     """Mean and std over seeds of each (model, method, target ratio)."""
     groups: dict[tuple, list[dict]] = {}
-    for r in records:
+    for r in _runs(records):
         if r.get("status") == "ok":
             groups.setdefault((r.get("model", ""), r["method"], r["target_ratio"]), []).append(r)
     rows = []
@@ -429,6 +549,8 @@ def _group(records: list[dict]) -> list[dict]:
             "auc": float(auc.mean()), "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
             "logloss": _mean(rs, "test_logloss"), "samples_per_second": _mean(rs, "samples_per_second"),
             "best_epoch": _mean(rs, "best_epoch"), "dense_parameters": _mean(rs, "dense_parameters"),
+            "under_target": any(r.get("target_bytes") and r["bytes"] < UNDER_TARGET * r["target_bytes"] for r in rs),
+            "tuned": _tuned_text(rs),
         })
     return sorted(rows, key=lambda g: (g["model"], -g["bytes"], g["method"]))
 
@@ -447,14 +569,21 @@ def format_table(records: list[dict]) -> str:
     rows = _group(records)
     several_models = len({g["model"] for g in rows}) > 1
     bayes = _bayes(records)
+    reference = reference_of(records)
+    tuned = any(g["tuned"] for g in rows)
     lines = []
     if bayes is not None:
         lines.append(f"Bayes-optimal test AUC of the data (the ceiling): **{bayes:.4f}**\n")
+    if reference is not None:
+        lines.append(f"Reference, {reference['name']} on the same train split (C={reference['C']:g} chosen on "
+                     f"validation): test AUC **{reference['test_auc']:.4f}**, logloss {reference['test_logloss']:.4f}"
+                     f"\n")
     model_head = "| model | dense params " if several_models else ""
     bayes_head = "| vs Bayes " if bayes is not None else ""
+    tuned_head = "| tuned on validation " if tuned else ""
     lines.append(f"{model_head}| method | target | bytes | ratio | test AUC | ΔAUC vs full {bayes_head}| logloss "
-                 "| train samples/s | seeds |")
-    lines.append("|---" * (9 + (bayes is not None) + 2 * several_models) + "|")
+                 f"| train samples/s | seeds {tuned_head}|")
+    lines.append("|---" * (9 + (bayes is not None) + 2 * several_models + tuned) + "|")
     for g in rows:
         full = _full_auc(rows, g["model"])
         target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
@@ -462,10 +591,15 @@ def format_table(records: list[dict]) -> str:
         delta = f"{g['auc'] - full:+.4f}" if full is not None else "n/a"
         gap = f"| {g['auc'] - bayes:+.4f} " if bayes is not None else ""
         model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
+        under = " †" if g["under_target"] else ""
+        tuned_cell = f"| {g['tuned']} " if tuned else ""
         lines.append(
-            f"{model_cells}| {g['method']} | {target} | {g['bytes']:,} | {g['ratio']:.2f}x | {auc} | {delta} {gap}"
-            f"| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} |"
+            f"{model_cells}| {g['method']} | {target} | {g['bytes']:,}{under} | {g['ratio']:.2f}x | {auc} | {delta} "
+            f"{gap}| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} {tuned_cell}|"
         )
+    if any(g["under_target"] for g in rows):
+        lines.append(f"\n† more than {1 - UNDER_TARGET:.0%} under its budget: the method's sizes step coarsely "
+                     "there, and a budget is a ceiling")
     best = best_per_budget(records)
     if best:
         lines += ["", "Best method per budget (highest mean test AUC):", ""]
@@ -486,7 +620,7 @@ def _failures(records: list[dict]) -> list[str]:
     at every target below it, for every model and seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        if r.get("status") != "ok":
+        if r.get("status") == "failed":
             minimum = re.search(r"minimum budget ([\d,]+)", r.get("error") or "")
             groups.setdefault((r["method"], minimum.group(1) if minimum else r.get("error")), []).append(r)
     lines = []
@@ -521,6 +655,7 @@ def best_per_budget(records: list[dict]) -> list[dict]:
 
 def _coverage(records: list[dict], rows: list[dict]) -> list[str]:
     """Method x budget grid of mean AUCs, per model; a budget a method could not reach shows as 'no'."""
+    records = _runs(records)
     targets = sorted({r["target_ratio"] for r in records if r.get("target_ratio") is not None})
     if len(targets) < 2:
         return []
@@ -562,6 +697,7 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
     # One panel per model: a frontier or a full-table line across models would compare unlike things.
     fig, axes = plt.subplots(1, len(models), figsize=(8.5 * len(models), 5.5), squeeze=False, sharey=True)
     bayes = _bayes(records)
+    reference = reference_of(records)
     methods = list(dict.fromkeys(g["method"] for g in rows))
     # A method keeps its colour and marker in every panel; tab20 and 7 markers tell a dozen methods apart.
     style = {m: (plt.get_cmap("tab20").colors[(2 * i) % 20 + (i // 10) % 2], "osD^vPX"[i % 7])
@@ -582,6 +718,9 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
             ax.axhline(full, color="gray", linestyle="--", linewidth=1, label=f"full table ({full:.4f})")
         if bayes is not None:
             ax.axhline(bayes, color="green", linestyle=":", linewidth=1.5, label=f"Bayes AUC ({bayes:.4f})")
+        if reference is not None:
+            ax.axhline(reference["test_auc"], color="tab:red", linestyle="-.", linewidth=1,
+                       label=f"one-hot LR ({reference['test_auc']:.4f})")
         ax.set_xscale("log")
         ax.set_xlabel("embedding bytes (log scale)")
         ax.set_title(f"{title or 'memory vs AUC'}{f' — {model}' if len(models) > 1 else ''}")

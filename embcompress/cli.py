@@ -71,10 +71,10 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
         print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
     records = run_suite(suite, out, device=args.device, progress=not args.quiet, shard=args.shard)
     if not is_main_process():
-        return 0 if all(r.get("status") == "ok" for r in records) else 1
+        return 0 if all(r.get("status") != "failed" for r in records) else 1
     print(_write_report(records, out, f"{suite.name}: {', '.join(m.name for m in suite.models)}, D={suite.embedding_dim}"))
     print(f"results: {out / 'results.jsonl'}")
-    return 0 if all(r.get("status") == "ok" for r in records) else 1
+    return 0 if all(r.get("status") != "failed" for r in records) else 1
 
 
 def cmd_bench_report(args: argparse.Namespace) -> int:

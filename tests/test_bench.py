@@ -18,6 +18,7 @@ TINY = {
     "model": {"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [16]},
     "train": {"epochs": 1, "batch_size": 2048, "lr": 0.01},
     "seeds": [0],
+    "reference": False,  # fitted in the CLI test below; the other tests count runs
     "methods": [
         {"name": "full", "table": {"type": "full.v1", "sparse": True}},
         {"name": "hashing", "table": {"type": "hashing.v1"}, "compression": [4, 16]},
@@ -39,12 +40,18 @@ def test_default_suite_is_valid():
 
 def test_bench_cli_writes_table_results_and_plot(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["bench", "run", str(write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
+    assert main(["bench", "run", str(write(tmp_path, {**TINY, "reference": True})), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "Bayes-optimal test AUC" in printed and "| hashing | 16x |" in printed
     lines = (out / "results.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert [r["status"] for r in records] == ["ok"] * 3
+    assert [r["status"] for r in records] == ["reference"] + ["ok"] * 3
+    # The one-hot logistic regression reference is fitted once, on the same data, and printed beside the runs.
+    ref = records[0]
+    assert 0.5 < ref["test_auc"] < records[0]["bayes_auc"]
+    assert f"sklearn one-hot LR on the same train split (C={ref['C']:g}" in printed
+    assert f"test AUC **{ref['test_auc']:.4f}**" in printed
+    records = records[1:]
     hashed = [r for r in records if r["method"] == "hashing"]
     for r in hashed:
         assert r["bytes"] <= r["baseline_bytes"] / r["target_ratio"]
@@ -389,3 +396,62 @@ def test_synthetic_full_covers_every_method_model_budget_and_seed():
     assert {m.table["type"] for m in suite.methods} >= set(list_tables()), "add the new method to synthetic_full"
     assert all(m.compression == (2, 4, 16, 64, 256, 1000) for m in suite.methods if m.name != "full")
     assert len(suite.runs()) == 2 * 3 * (1 + 12 * 6)
+
+
+# ------------------------------------------------------------------------------------------------ tuning
+NO_LR = {**TINY, "train": {k: v for k, v in TINY["train"].items() if k != "lr"}}
+TUNED = {**NO_LR, "reference": False, "tune": {"lr": [0.001, 0.03], "embedding_l2": [0.0, 1e-3]},
+         "methods": [TINY["methods"][0], {"name": "hashing", "table": {"type": "hashing.v1"}, "compression": [4]}]}
+
+
+def test_tuning_grid_trains_every_combination_and_keeps_the_best_on_validation(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(write(tmp_path, TUNED)), "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    runs = [r for r in records if r["status"] == "ok"]
+    trials = [r for r in records if r["status"] == "trial"]
+    assert len(runs) == 2 and len(trials) == 8
+    combos = {(lr, l2) for lr in (0.001, 0.03) for l2 in (0.0, 1e-3)}
+    for run in runs:
+        mine = [t for t in trials if t["parent_key"] == run["run_key"]]
+        assert {(t["tuned"]["lr"], t["tuned"]["embedding_l2"]) for t in mine} == combos  # same grid for every method
+        best = max(mine, key=lambda t: t["val_auc"])
+        assert run["tuned"] == best["tuned"] and run["test_auc"] == best["test_auc"]
+        assert sorted(t["val_auc"] for t in run["trials"]) == sorted(t["val_auc"] for t in mine)
+    report = (out / "report.md").read_text()
+    assert "tuned on validation" in report and "embedding_l2=" in report
+    # Resume: a killed tuning keeps its finished trials. Drop one run's final line and its last trial.
+    victim = runs[1]
+    kept = [line for line, r in zip((out / "results.jsonl").read_text().splitlines(), records)
+            if r["run_key"] != victim["run_key"] and r is not [t for t in trials if t["parent_key"] == victim["run_key"]][-1]]
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n")
+    assert main(["bench", "run", str(write(tmp_path, TUNED)), "--out", str(out), "--quiet"]) == 0
+    again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(again) == len(kept) + 2  # the one missing trial and the run's final line, nothing else
+    assert next(r for r in again[-2:] if r["status"] == "ok")["tuned"] == victim["tuned"]
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"lr": []}, "tune.lr must be a non-empty list"),
+    ({"seed": [0, 1]}, "tune.seed: not a tunable"),
+    ({"lr": [0.1, -1]}, "tune.lr: lr must be a positive number, got -1"),
+    ({"lr": 0.1}, "tune.lr must be a non-empty list"),
+    ([0.1], "tune must be a mapping"),
+])
+def test_bad_tuning_grids_are_rejected(tmp_path, tune, message):
+    with pytest.raises(SpecError, match=message):
+        load_suite(write(tmp_path, {**NO_LR, "tune": tune}))
+    with pytest.raises(SpecError, match="tune.lr is also fixed in train"):
+        load_suite(write(tmp_path, {**TINY, "tune": {"lr": [0.1]}}))
+
+
+def test_report_marks_tables_well_under_their_budget():
+    from embcompress.bench import format_table
+
+    base = {"status": "ok", "model": "m", "target_ratio": 2.0, "seed": 0, "test_auc": 0.7, "test_logloss": 0.5,
+            "samples_per_second": 1.0, "best_epoch": 1, "dense_parameters": 10, "baseline_bytes": 2000}
+    records = [{**base, "method": "coarse", "bytes": 800, "ratio": 2.5, "target_bytes": 1000.0},
+               {**base, "method": "close", "bytes": 990, "ratio": 2.02, "target_bytes": 1000.0}]
+    table = format_table(records)
+    assert "| coarse | 2x | 800 † |" in table and "| close | 2x | 990 |" in table
+    assert "† more than 5% under its budget" in table
