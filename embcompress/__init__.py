@@ -18,6 +18,7 @@ from .registry import (
     list_models,
     list_tables,
 )
+from .replace import ReplaceReport, replace_embeddings
 
 __version__ = "0.1.0"
 
@@ -28,10 +29,12 @@ __all__ = [
     "MODELS",
     "TABLES",
     "RegistryError",
+    "ReplaceReport",
     "SpecError",
     "baseline_bytes",
     "build_model",
     "build_table",
     "list_models",
     "list_tables",
+    "replace_embeddings",
 ]
