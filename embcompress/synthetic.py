@@ -28,7 +28,9 @@ from sklearn.metrics import roc_auc_score
 
 from .data import CTRData
 
-__all__ = ["CRITEO_KAGGLE_CARDINALITIES", "SyntheticConfig", "scaled_cardinalities", "make_synthetic"]
+__all__ = [
+    "CRITEO_KAGGLE_CARDINALITIES", "SyntheticConfig", "scaled_cardinalities", "make_synthetic", "seen_values_auc",
+]
 
 #: Distinct values of C1..C26 in Criteo Kaggle train.txt (as DLRM counts them, no frequency filter).
 CRITEO_KAGGLE_CARDINALITIES = (
@@ -111,6 +113,45 @@ def _intercept(logits: np.ndarray, click_rate: float) -> float:
     return (lo + hi) / 2
 
 
+def _click_model(cfg: SyntheticConfig, rng: np.random.Generator, cards: tuple[int, ...]):
+    """The click model's parameters, drawn before any row so that they depend on the seed alone."""
+    num_fields = len(cards)
+    field_weight = rng.uniform(0.5, 1.5, size=num_fields)
+    vectors = [rng.normal(0.0, cfg.interaction_scale, size=(c, cfg.latent_dim)) * w for c, w in zip(cards, field_weight)]
+    biases = [rng.normal(0.0, cfg.bias_scale, size=c) for c in cards]
+    dense_mean = rng.uniform(0.5, 3.0, size=NUM_DENSE)
+    dense_missing = rng.uniform(0.0, 0.4, size=NUM_DENSE)
+    dense_beta = rng.normal(0.0, 0.15, size=NUM_DENSE)
+    return field_weight, vectors, biases, dense_mean, dense_missing, dense_beta
+
+
+def seen_values_auc(data: CTRData, min_count: int = 1) -> float:
+    """Test AUC of the true click model when it may use only values seen ``min_count`` times in training.
+
+    A value rarer than that in the train split is replaced by its prior mean (bias 0, vector 0), which is the
+    most any learner can know of it from the data: with ``min_count=1`` this bounds every model trained on the
+    split (the Bayes AUC also uses the values no training row shows); larger counts show how much of the gap
+    to Bayes lives in values seen too rarely to be learned. ``data`` must come from :func:`make_synthetic`.
+    """
+    cfg = SyntheticConfig(**data.meta["config"])
+    cards = scaled_cardinalities(cfg.cardinality_exponent)
+    _, vectors, biases, dense_mean, _, dense_beta = _click_model(cfg, np.random.default_rng(cfg.seed), cards)
+    lo, hi = data.splits["train"]
+    t_lo, t_hi = data.splits["test"]
+    ids = data.sparse[t_lo:t_hi]
+    total = np.zeros((len(ids), cfg.latent_dim))
+    squares = np.zeros(len(ids))
+    logit = (data.dense[t_lo:t_hi].astype(np.float64) - dense_mean) @ dense_beta
+    for f, n in enumerate(cards):
+        known = np.bincount(data.sparse[lo:hi, f], minlength=n) >= min_count
+        u = vectors[f][ids[:, f]] * known[ids[:, f], None]
+        total += u
+        squares += np.einsum("ij,ij->i", u, u)
+        logit += biases[f][ids[:, f]] * known[ids[:, f]]
+    logit += 0.5 * (np.einsum("ij,ij->i", total, total) - squares)
+    return float(roc_auc_score(data.labels[t_lo:t_hi], logit))
+
+
 def make_synthetic(config: SyntheticConfig | None = None) -> CTRData:
     """Generate the data set of ``config`` (seeded: the same config gives the same arrays)."""
     cfg = config or SyntheticConfig()
@@ -118,13 +159,7 @@ def make_synthetic(config: SyntheticConfig | None = None) -> CTRData:
     cards = scaled_cardinalities(cfg.cardinality_exponent)
     num_fields, n = len(cards), cfg.rows
 
-    # The click model's parameters, drawn before any row so they depend on the seed alone.
-    field_weight = rng.uniform(0.5, 1.5, size=num_fields)
-    vectors = [rng.normal(0.0, cfg.interaction_scale, size=(c, cfg.latent_dim)) * w for c, w in zip(cards, field_weight)]
-    biases = [rng.normal(0.0, cfg.bias_scale, size=c) for c in cards]
-    dense_mean = rng.uniform(0.5, 3.0, size=NUM_DENSE)
-    dense_missing = rng.uniform(0.0, 0.4, size=NUM_DENSE)
-    dense_beta = rng.normal(0.0, 0.15, size=NUM_DENSE)
+    field_weight, vectors, biases, dense_mean, dense_missing, dense_beta = _click_model(cfg, rng, cards)
     cdfs = [_zipf_cdf(c, cfg.zipf_exponent) for c in cards]
 
     sparse = np.empty((n, num_fields), dtype=np.int64)

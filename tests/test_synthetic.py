@@ -280,3 +280,13 @@ def test_smallest_valid_config():
 def test_fractions_that_leave_no_training_rows_are_rejected(val, test):
     with pytest.raises(ValueError, match="no training rows"):
         SyntheticConfig(rows=10, val_fraction=val, test_fraction=test)
+
+
+def test_seen_values_auc_is_bayes_with_every_value_and_falls_as_values_are_hidden():
+    from embcompress.synthetic import seen_values_auc
+
+    data = make_synthetic(SyntheticConfig(rows=30_000, seed=4))
+    assert seen_values_auc(data, 0) == pytest.approx(data.bayes_auc, abs=1e-6)  # the same click model
+    aucs = [seen_values_auc(data, k) for k in (1, 10, 100, 10**9)]
+    assert aucs == sorted(aucs, reverse=True) and aucs[0] <= data.bayes_auc + 1e-9
+    assert 0.5 < aucs[-1] < aucs[0] - 0.05  # with no value known, only the dense features are left
