@@ -33,7 +33,8 @@ from .contract import CompressedEmbedding
 from .data import CTRData
 from .memory import baseline_bytes
 from .registry import (
-    MODELS, TABLES, RegistryError, SpecError, _load_builtins, build_model, build_table, check_kwargs, check_table_options,
+    MODELS, TABLES, RegistryError, SpecError, _load_builtins, build_model, build_table, check_kwargs,
+    check_table_options,
 )
 from .synthetic import SyntheticConfig, make_synthetic
 from .training import TrainConfig, train
@@ -43,10 +44,14 @@ __all__ = [
     "format_table", "best_per_budget", "plot_results", "reference_of",
 ]
 
-_SUITE_KEYS = ("name", "data", "embedding_dim", "model", "models", "train", "tune", "seeds", "methods", "reference")
+_SUITE_KEYS = (
+    "name", "data", "embedding_dim", "model", "models", "train", "tune", "seeds", "methods", "reference",
+)
 # Training settings a tuning grid may search; seeds, devices and the like are not hyper-parameters.
-TUNABLE = ("lr", "embedding_lr", "weight_decay", "embedding_weight_decay", "embedding_l2", "batch_size", "optimizer",
-           "lr_decay")
+TUNABLE = (
+    "lr", "embedding_lr", "weight_decay", "embedding_weight_decay", "embedding_l2", "batch_size", "optimizer",
+    "lr_decay",
+)
 _METHOD_KEYS = ("name", "table", "compression")
 
 

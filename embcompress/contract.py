@@ -154,8 +154,8 @@ class CompressedEmbedding(nn.Module):
         """
         raise NotImplementedError
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``LongTensor[..., F] -> FloatTensor[..., F, D]`` (or ``[...] -> [..., D]`` for a single table)."""
+    def checked_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, fields)``: ``forward``'s input validated (shape, dtype, domain) and the field of each id."""
         if not isinstance(ids, torch.Tensor):
             raise self._fail(f"ids must be a torch.Tensor of int64, got {type(ids).__name__}")
         positions, _ = self._consts(ids.device)
@@ -167,7 +167,11 @@ class CompressedEmbedding(nn.Module):
                     f"expected ids of shape [..., {self.num_fields}] (one id per field), got {list(ids.shape)}"
                 )
             fields = positions
-        return self.embed(self._check_ids(ids, fields), fields)
+        return self._check_ids(ids, fields), fields
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[..., F] -> FloatTensor[..., F, D]`` (or ``[...] -> [..., D]`` for a single table)."""
+        return self.embed(*self.checked_ids(ids))
 
     def forward_bags(
         self,

@@ -273,18 +273,7 @@ class FrequencyRanked(CompressedEmbedding):
 
     def rank_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The ranks the inner table sees for ``ids`` ``LongTensor[..., F]``, validated like ``forward``'s ids."""
-        if not isinstance(ids, torch.Tensor):
-            raise self._fail(f"ids must be a torch.Tensor of int64, got {type(ids).__name__}")
-        positions, _ = self._consts(ids.device)
-        if self.single:
-            fields = positions[:1].reshape(())
-        elif ids.dim() < 1 or ids.shape[-1] != self.num_fields:
-            raise self._fail(
-                f"expected ids of shape [..., {self.num_fields}] (one id per field), got {list(ids.shape)}"
-            )
-        else:
-            fields = positions
-        ids = self._check_ids(ids, fields)
+        ids, fields = self.checked_ids(ids)
         return torch.take(self.remap, ids + self.remap_offsets[fields]).long()
 
     def sparse_parameters(self) -> list[nn.Parameter]:
