@@ -323,7 +323,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
         "bytes": report.total_bytes, "parameter_bytes": report.parameter_bytes, "buffer_bytes": report.buffer_bytes,
         "baseline_bytes": report.baseline_bytes, "ratio": report.ratio,
         "test_auc": result.test_auc, "test_logloss": result.test_logloss,
-        "val_auc": result.val_auc, "best_epoch": result.best_epoch,
+        "val_auc": result.val_auc, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second,
         "bayes_auc": data.bayes_auc, "wall_seconds": wall, "target_bytes": spec.get("budget_bytes"),
         "tuned": dict(trial or {}), **staged,
@@ -386,7 +386,8 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     A failing run is recorded with its error, the suite goes on, and a rerun tries it again.
     ``shard=(i, n)`` runs only the runs whose position in ``suite.runs()`` is ``i`` modulo ``n``: n processes
     (or machines sharing the folder) split a suite and append to one file.
-    Returns the records of the whole suite found in the file at the end, the ones run now included.
+    Returns the records of the whole suite found in the file at the end, the ones run now included, and the
+    reference fit (``status == "reference"``) when the suite has one.
     """
     from tqdm.auto import tqdm
 
@@ -553,7 +554,8 @@ def _group(records: list[dict]) -> list[dict]:
             "target_ratio": target, "seeds": len(rs), "bytes": int(_mean(rs, "bytes")), "ratio": _mean(rs, "ratio"),
             "auc": float(auc.mean()), "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
             "logloss": _mean(rs, "test_logloss"), "samples_per_second": _mean(rs, "samples_per_second"),
-            "best_epoch": _mean(rs, "best_epoch"), "dense_parameters": _mean(rs, "dense_parameters"),
+            "best_epoch": _mean(rs, "best_epoch"), "epochs_run": _mean(rs, "epochs_run"),
+            "dense_parameters": _mean(rs, "dense_parameters"),
             "under_target": any(r.get("target_bytes") and r["bytes"] < UNDER_TARGET * r["target_bytes"] for r in rs),
             "tuned": _tuned_text(rs),
         })
@@ -585,10 +587,10 @@ def format_table(records: list[dict]) -> str:
                      f"\n")
     model_head = "| model | dense params " if several_models else ""
     bayes_head = "| vs Bayes " if bayes is not None else ""
-    tuned_head = "| tuned on validation " if tuned else ""
+    tuned_head = "| tuned on validation | best epoch / run " if tuned else ""
     lines.append(f"{model_head}| method | target | bytes | ratio | test AUC | ΔAUC vs full {bayes_head}| logloss "
                  f"| train samples/s | seeds {tuned_head}|")
-    lines.append("|---" * (9 + (bayes is not None) + 2 * several_models + tuned) + "|")
+    lines.append("|---" * (9 + (bayes is not None) + 2 * several_models + 2 * tuned) + "|")
     for g in rows:
         full = _full_auc(rows, g["model"])
         target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
@@ -597,7 +599,7 @@ def format_table(records: list[dict]) -> str:
         gap = f"| {g['auc'] - bayes:+.4f} " if bayes is not None else ""
         model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
         under = " †" if g["under_target"] else ""
-        tuned_cell = f"| {g['tuned']} " if tuned else ""
+        tuned_cell = f"| {g['tuned']} | {g['best_epoch']:g} / {g['epochs_run']:g} " if tuned else ""
         lines.append(
             f"{model_cells}| {g['method']} | {target} | {g['bytes']:,}{under} | {g['ratio']:.2f}x | {auc} | {delta} "
             f"{gap}| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} {tuned_cell}|"

@@ -9,7 +9,9 @@ A table is an ``nn.Module`` built from the cardinality of each categorical field
   :meth:`CompressedEmbedding.forward_kjt` with sum or mean pooling.
 
 Subclasses implement one method, ``embed(ids, fields)``, which maps ids and the field index of each id
-(broadcastable to ``ids``) to vectors. All fields go through one vectorised call, so no model loops over fields
+(broadcastable to ``ids``) to vectors, take an ``init_std`` option (the per-coordinate std of the vectors they
+return at initialisation, whatever their internals), and describe their one size knob in ``budget_knob`` so that
+the shared solver (:mod:`embcompress.budget`) builds them to a budget. All fields go through one vectorised call, so no model loops over fields
 in Python. Ids are checked before ``embed`` sees them: negative ids, ids at or above a bounded field's
 cardinality, and non-integer dtypes raise ``ValueError`` naming the field and the value; nothing is clamped.
 """

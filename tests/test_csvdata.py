@@ -222,8 +222,9 @@ def test_cli_and_bench_suite_on_a_csv_data_set(tmp_path, capsys):
     data = load_data(load_suite(suite))
     assert data.field_names == ("user_id", "movie_id", "genre") and data.num_dense == 1
     assert cli_main(["bench", "run", str(suite), "--out", str(tmp_path / "res"), "--quiet"]) == 0
-    record = json.loads((tmp_path / "res" / "results.jsonl").read_text().splitlines()[0])
+    reference, record = [json.loads(line) for line in (tmp_path / "res" / "results.jsonl").read_text().splitlines()]
     assert record["status"] == "ok" and 0 <= record["test_auc"] <= 1
+    assert reference["status"] == "reference" and 0 <= reference["test_auc"] <= 1  # the LR row on CSV data too
 
 
 def test_out_dir_rules_and_incomplete_manifest(tmp_path):
