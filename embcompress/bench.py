@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from . import __version__
-from .contract import CompressedEmbedding
+from .contract import CompressedEmbedding, resolve_init_std
 from .data import CTRData
 from .memory import baseline_bytes
 from .registry import (
@@ -52,6 +52,8 @@ TUNABLE = (
     "lr", "embedding_lr", "weight_decay", "embedding_weight_decay", "embedding_l2", "batch_size", "optimizer",
     "lr_decay",
 )
+# Table options every table takes (the contract's), so a grid over them treats every method alike.
+TABLE_TUNABLE = ("init_std",)
 _METHOD_KEYS = ("name", "table", "compression")
 
 
@@ -242,6 +244,10 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
         check_table_options(cls, {**options, **({"budget_bytes": 1} if ratios else {})}, mwhere)
         methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table,
                                   compression=tuple(float(r) for r in ratios)))
+    for i, m in enumerate(methods):
+        fixed = sorted(k for k, _ in tune if k in m.table)
+        if fixed:
+            raise SpecError(f"{where}: methods[{i}] ({m.name}) sets {fixed}, which the tuning grid searches")
     return Suite(
         name=str(raw.get("name", path.stem)), data=data, embedding_dim=dim, models=tuple(models), train=train_opts,
         seeds=seeds, methods=tuple(methods), source=str(path), tune=tune, reference=reference,
@@ -249,22 +255,26 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
 
 
 def _check_tune(tune, train_opts: dict, where: str) -> tuple[tuple[str, tuple], ...]:
-    """``{setting: [values, ...]}`` over :data:`TUNABLE` settings not fixed in ``train``; every value checked."""
+    """``{setting: [values, ...]}`` over :data:`TUNABLE` training settings not fixed in ``train`` and the
+    :data:`TABLE_TUNABLE` table options; every value checked."""
     if tune is None:
         return ()
     if not isinstance(tune, dict) or not tune:
         raise SpecError(f"{where}: tune must be a mapping of training settings to lists of values, got {tune!r}")
     grid = []
     for key, values in tune.items():
-        if key not in TUNABLE:
-            raise SpecError(f"{where}: tune.{key}: not a tunable training setting (one of {list(TUNABLE)})")
+        if key not in TUNABLE + TABLE_TUNABLE:
+            raise SpecError(f"{where}: tune.{key}: not a tunable setting (one of {list(TUNABLE + TABLE_TUNABLE)})")
         if key in train_opts:
             raise SpecError(f"{where}: tune.{key} is also fixed in train; give it in one place")
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}: tune.{key} must be a non-empty list of values, got {values!r}")
         for v in values:
             try:
-                TrainConfig(**{**train_opts, key: v})
+                if key in TABLE_TUNABLE:
+                    resolve_init_std(v, 1)
+                else:
+                    TrainConfig(**{**train_opts, key: v})
             except (TypeError, ValueError) as err:
                 raise SpecError(f"{where}: tune.{key}: {err}") from None
         grid.append((key, tuple(values)))
@@ -299,13 +309,15 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     dim = suite.embedding_dim
     base = baseline_bytes(data.cardinalities, dim)
     spec = dict(run.method.table)
+    spec.update({k: v for k, v in (trial or {}).items() if k in TABLE_TUNABLE})
     if run.ratio is not None:
         spec["budget_bytes"] = base / run.ratio
     torch.manual_seed(run.seed)
     table: CompressedEmbedding = build_table(spec, data.cardinalities, dim, field_names=data.field_names)
     model = build_model(run.model.spec, table, data.num_dense)
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in table.parameters())
-    cfg = TrainConfig(**{**suite.train, **(trial or {}), "seed": run.seed, "device": device, "progress": progress})
+    training = {k: v for k, v in (trial or {}).items() if k not in TABLE_TUNABLE}
+    cfg = TrainConfig(**{**suite.train, **training, "seed": run.seed, "device": device, "progress": progress})
     staged = {}
     start = time.perf_counter()
     if getattr(table, "trains_in_stages", False):
@@ -326,7 +338,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
         "val_auc": result.val_auc, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
         "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second,
         "bayes_auc": data.bayes_auc, "wall_seconds": wall, "target_bytes": spec.get("budget_bytes"),
-        "tuned": dict(trial or {}), **staged,
+        "tuned": dict(trial or {}), "init_std": getattr(table, "init_std", None), **staged,
     }
 
 

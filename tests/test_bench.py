@@ -434,6 +434,7 @@ def test_tuning_grid_trains_every_combination_and_keeps_the_best_on_validation(t
 @pytest.mark.parametrize("tune, message", [
     ({"lr": []}, "tune.lr must be a non-empty list"),
     ({"seed": [0, 1]}, "tune.seed: not a tunable"),
+    ({"init_std": [0.1, 0]}, "tune.init_std: init_std must be a positive"),
     ({"lr": [0.1, -1]}, "tune.lr: lr must be a positive number, got -1"),
     ({"lr": 0.1}, "tune.lr must be a non-empty list"),
     ([0.1], "tune must be a mapping"),
@@ -443,6 +444,24 @@ def test_bad_tuning_grids_are_rejected(tmp_path, tune, message):
         load_suite(write(tmp_path, {**NO_LR, "tune": tune}))
     with pytest.raises(SpecError, match="tune.lr is also fixed in train"):
         load_suite(write(tmp_path, {**TINY, "tune": {"lr": [0.1]}}))
+    fixed = {**TINY, "tune": {"init_std": [0.1]}, "methods": [{"table": {"type": "full.v1", "init_std": 0.5}}]}
+    with pytest.raises(SpecError, match=r"methods\[0\] \(full.v1\) sets \['init_std'\], which the tuning grid"):
+        load_suite(write(tmp_path, fixed))
+
+
+def test_a_grid_over_init_std_reaches_every_table(tmp_path):
+    suite = {**NO_LR, "tune": {"init_std": [0.01, 0.3]}, "train": {**NO_LR["train"], "lr": 0.01}}
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(write(tmp_path, suite)), "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    trials = [r for r in records if r["status"] == "trial"]
+    assert len(trials) == 2 * 3 and {r["table"]["type"] for r in trials} == {"full.v1", "hashing.v1"}
+    # Same data, model and seed: only the initial scale differs between a run's two trials, and it shows.
+    for key in {t["parent_key"] for t in trials}:
+        a, b = sorted((t for t in trials if t["parent_key"] == key), key=lambda t: t["tuned"]["init_std"])
+        assert (a["tuned"], b["tuned"]) == ({"init_std": 0.01}, {"init_std": 0.3})
+        assert (a["init_std"], b["init_std"]) == (0.01, 0.3)  # what the built table was given
+        assert a["test_auc"] != b["test_auc"]
 
 
 def test_report_marks_tables_well_under_their_budget():
