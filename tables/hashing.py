@@ -17,7 +17,9 @@ so ids beyond any vocabulary are accepted and colliding ids share a row. Layouts
 * ``frequent=K`` (per field): ids are frequency ranked, so the ``K`` most frequent values of a field are the ids
   ``< K``; they get dedicated rows, and every other id is the sum of two rows hashed with independent seeds into
   the field's ``num_buckets`` shared rows (double hashing: two ids collide on both rows far more rarely than
-  on one).
+  on one). **This assumes frequency-ranked ids** and nothing checks it: with ids from another encoder the
+  dedicated rows go to arbitrary values; rank them with :mod:`embcompress.frequency` (re-encode with
+  ``frequency_ranks``, or wrap the table with ``build_frequency_ranked``, its remap counted in the budget).
 """
 
 from __future__ import annotations

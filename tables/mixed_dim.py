@@ -18,6 +18,9 @@ paper writes the same rule as ``d = lambda * n ** -alpha`` for a field of ``n`` 
   factor ``n ** (1/K)``, the most popular ids sit in the smallest blocks. With no counts available, ``p_b`` is
   the Zipf (exponent 1) estimate: an id of rank ``r`` (1-based) is queried with probability ``1 / (r * H_n)``,
   so ``p_b = (H_stop - H_start) / (H_n * size_b)``; over a whole field this is ``1 / n_f`` again.
+  **This assumes frequency-ranked ids** and nothing checks it: on ids from another encoder (alphabetical or
+  first-seen codes) the wide blocks go to arbitrary values. Rank them with :mod:`embcompress.frequency`
+  (``frequency_ranks`` to re-encode, or the ``build_frequency_ranked`` wrapper, its remap counted in the budget).
 
 Integer widths. ``x_b`` is real; the stored widths are integers (``round_dims=True``: powers of two, and ``D``)
 whose mean realises it. Consecutive blocks of a field whose targets share a bracket ``lo <= x < hi`` of allowed
