@@ -358,9 +358,17 @@ def run_key(suite: Suite, run: Run) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def trial_key(key: str, trial: dict[str, Any]) -> str:
-    """Key of one combination of a run's tuning grid."""
-    return hashlib.sha256(json.dumps([key, trial], sort_keys=True).encode()).hexdigest()[:16]
+def trial_key(suite: Suite, run: Run, trial: dict[str, Any]) -> str:
+    """Key of one trial: the run with the trial's settings in place, and not the grid, so a grid that grows (or
+    moves a fixed setting into the grid at the same value) reuses the trials it already has."""
+    config = {
+        "data": suite.data, "embedding_dim": suite.embedding_dim, "model": run.model.spec,
+        "train": {**suite.train, **{k: v for k, v in trial.items() if k not in TABLE_TUNABLE}},
+        "method": run.method.name,
+        "table": {**run.method.table, **{k: v for k, v in trial.items() if k in TABLE_TUNABLE}},
+        "ratio": run.ratio, "seed": run.seed, "trial": True,
+    }
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _git_commit() -> str | None:
@@ -453,7 +461,7 @@ def _tuned_run(suite: Suite, data: CTRData, run: Run, key: str, trials_done: dic
     tuning resumes; a failing trial fails the run (a budget error fails every combination alike)."""
     results = []
     for trial in suite.trials():
-        tkey = trial_key(key, trial) if suite.tune else key
+        tkey = trial_key(suite, run, trial) if suite.tune else key
         record = trials_done.get(tkey)
         if record is None:
             try:

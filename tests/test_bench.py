@@ -429,6 +429,15 @@ def test_tuning_grid_trains_every_combination_and_keeps_the_best_on_validation(t
     again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(again) == len(kept) + 2  # the one missing trial and the run's final line, nothing else
     assert next(r for r in again[-2:] if r["status"] == "ok")["tuned"] == victim["tuned"]
+    # A grid that grows keeps what it has: moving batch_size from train into the grid at its value, plus a new
+    # value, trains only the new combinations (one per run and existing combination), then the final lines.
+    grown = {**TUNED, "train": {k: v for k, v in TUNED["train"].items() if k != "batch_size"},
+             "tune": {**TUNED["tune"], "batch_size": [TINY["train"]["batch_size"], 4096]}}
+    assert main(["bench", "run", str(write(tmp_path, grown)), "--out", str(out), "--quiet"]) == 0
+    final = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    added = final[len(again):]
+    assert sorted(r["status"] for r in added) == ["ok"] * 2 + ["trial"] * 8
+    assert {r["tuned"]["batch_size"] for r in added if r["status"] == "trial"} == {4096}
 
 
 @pytest.mark.parametrize("tune, message", [
