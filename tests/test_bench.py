@@ -483,3 +483,15 @@ def test_report_marks_tables_well_under_their_budget():
     table = format_table(records)
     assert "| coarse | 2x | 800 † |" in table and "| close | 2x | 990 |" in table
     assert "† more than 5% under its budget" in table
+
+
+def test_methods_seeds_suite_repeats_runs_of_the_methods_suite():
+    # methods_seeds.yaml adds seeds to some runs of methods.yaml in the same results folder: its seed-0 runs must
+    # be the very runs methods.yaml made (same run keys), so nothing but the methods and the seeds may differ.
+    from embcompress.bench import run_key
+
+    bench_dir = default_suite_path().parent
+    methods, seeds = load_suite(bench_dir / "methods.yaml"), load_suite(bench_dir / "methods_seeds.yaml")
+    keys = {run_key(methods, r) for r in methods.runs()}
+    repeated = [r for r in seeds.runs() if r.seed == 0]
+    assert repeated and all(run_key(seeds, r) in keys for r in repeated)
