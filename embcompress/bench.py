@@ -619,7 +619,7 @@ def format_table(records: list[dict]) -> str:
         gap = f"| {g['auc'] - bayes:+.4f} " if bayes is not None else ""
         model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
         under = " †" if g["under_target"] else ""
-        tuned_cell = f"| {g['tuned']} | {g['best_epoch']:g} / {g['epochs_run']:g} " if tuned else ""
+        tuned_cell = f"| {g['tuned']} | {g['best_epoch']:.2g} / {g['epochs_run']:.2g} " if tuned else ""
         lines.append(
             f"{model_cells}| {g['method']} | {target} | {g['bytes']:,}{under} | {g['ratio']:.2f}x | {auc} | {delta} "
             f"{gap}| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} {tuned_cell}|"
