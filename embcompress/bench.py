@@ -563,7 +563,7 @@ UNDER_TARGET = 0.95
 def _group(records: list[dict]) -> list[dict]:
     """Mean and std over seeds of each (model, method, target ratio)."""
     groups: dict[tuple, list[dict]] = {}
-    for r in _runs(records):
+    for r in records:
         if r.get("status") == "ok":
             groups.setdefault((r.get("model", ""), r["method"], r["target_ratio"]), []).append(r)
     rows = []

@@ -253,10 +253,10 @@ class CompressedEmbedding(nn.Module):
         Raises :class:`BudgetError` only when not even the smallest table fits, naming the smallest reachable
         budget.
         """
-        from .registry import check_kwargs
+        from .registry import check_table_options
 
-        check_kwargs(cls, options, f"{getattr(cls, 'registry_name', cls.__name__)}.from_budget",
-                     provided=("cardinalities", "embedding_dim", *cls.budget_keys))
+        check_table_options(cls, {**options, "budget_bytes": budget_bytes},
+                            f"{getattr(cls, 'registry_name', cls.__name__)}.from_budget")
         return solve_budget(cls, cardinalities, embedding_dim, budget_bytes, options)
 
     @classmethod

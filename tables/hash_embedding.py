@@ -96,7 +96,8 @@ class HashEmbedding(CompressedEmbedding):
         self.sparse = sparse
         D = embedding_dim
         # Init: importance weights start at 1 and pool rows N(0, s**2 / k), so for distinct rows
-        # Var(sum_i p_i E_i) = k * 1 * s**2 / k = s**2 with s = init_std; weights=False gives the same output. The projection starts as [I_D | 0], i.e. the weighted sum unchanged; the zero
+        # Var(sum_i p_i E_i) = k * 1 * s**2 / k = s**2 with s = init_std; weights=False gives the same output.
+        # The projection starts as [I_D | 0], i.e. the weighted sum unchanged; the zero
         # columns still get gradients (they multiply the non-zero weights).
         pool = torch.empty(self.num_buckets, D)
         with torch.no_grad():
