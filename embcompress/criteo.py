@@ -48,7 +48,13 @@ Pipeline (:func:`prepare_criteo`)
   id of every field, and ``vocab/C1.npy .. C26.npy`` (int64 codes of the kept values in id order; ``-1`` =
   ``""``).
 * ``manifest.json`` is written first with ``complete: false`` (so a killed run is recognisable as this data
-  set) and rewritten last, atomically (temp file + ``os.replace``), with ``complete: true``.
+  set) and rewritten last, atomically (temp file + ``os.replace``), with ``complete: true``, the positives of
+  each split (``split_positives``) and ``warnings`` (a split with no positives, no negatives or no rows).
+* The output folder follows :mod:`embcompress.prepared`: the lock above is shared with CSV preparation; a
+  rerun over a complete data set of the same inputs (sha256) and options does nothing (``already_prepared``)
+  unless ``force=True`` (``--force``), which rebuilds it aside and swaps it in at the end; free disk space is
+  checked before pass 1 (the spill) and before pass 2 (the arrays), the arrays are allocated before they are
+  mapped, and an ``OSError`` (disk full, read-only folder) is one :class:`~embcompress.prepared.OutputError`.
 
 Splits: ``dlrm`` = rows in file order cut into 7 equal "days" (``np.array_split``, the first days get the
 remainder rows); days 0-5 train; day 6 halved by ``np.array_split``: first half ``test``, second half ``val``
@@ -60,9 +66,9 @@ names are ``day_<k>`` out of order, as a shell glob sorts them); the rows of day
 halved like ``dlrm``'s last day (first half ``test``, second half ``val``).
 
 Bad lines (wrong number of fields, non-integer dense value, label not 0/1, categorical not 8 lowercase hex
-digits nor empty, a ``\\r`` in the line): ``on_bad_line="error"`` raises ``ValueError`` naming the file and
-1-based line; ``"skip"`` drops the line and the manifest counts them (total, per reason, first 10 as
-``file:line``). Dense values must fit in 18 digits.
+digits nor empty, a ``\\r`` in the line, bytes that are not UTF-8): ``on_bad_line="error"`` raises
+``ValueError`` naming the file and 1-based line; ``"skip"`` drops the line and the manifest counts them
+(total, per reason, first 10 as ``file:line``). Dense values must fit in 18 digits.
 """
 
 from __future__ import annotations
@@ -71,7 +77,6 @@ import contextlib
 import gzip
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -82,10 +87,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no lock; a leftover temporary folder is still removed
-    fcntl = None
+from . import prepared
+from .prepared import FORMATS, MANIFEST, read_manifest
+from .prepared import write_json_atomic as _write_json_atomic
 
 try:  # pandas' khash tables (a dependency already): O(1) counting and lookups; numpy sort/search otherwise
     from pandas._libs.hashtable import Int64HashTable as _Int64HashTable
@@ -103,7 +107,6 @@ SPARSE_FIELDS = tuple(f"C{i}" for i in range(1, 27))
 BUCKET_FIELDS = tuple(f"{name}_bucket" for name in DENSE_FIELDS)  # with dense_buckets=True, after C26
 COLUMNS = ("label",) + DENSE_FIELDS + SPARSE_FIELDS
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 _N_COLS = len(COLUMNS)
 _DENSE_RE = r"^-?[0-9]{1,18}$"
 _HEX = np.full(256, -1, dtype=np.int64)
@@ -178,7 +181,9 @@ def _parse_block(buf: bytes):
 def _read_strings(buf: bytes, names: Sequence[str], *, delimiter: str, quote_char: str | bool):
     """(pyarrow table with every column as non-null strings, count of rows pyarrow could not split and skipped).
 
-    Empty lines are kept as rows so that row i is still line i of ``buf`` for the caller's line numbers.
+    Empty lines are kept as rows so that row i is still line i of ``buf`` for the caller's line numbers. The
+    table is None when a value is not valid UTF-8: pyarrow's error names neither the line nor the row, so the
+    caller re-splits the block line by line to find (and report or skip) the lines at fault.
     """
     import pyarrow as pa
     from pyarrow import csv
@@ -189,16 +194,30 @@ def _read_strings(buf: bytes, names: Sequence[str], *, delimiter: str, quote_cha
         rejected[0] += 1
         return "skip"
 
-    table = csv.read_csv(
-        pa.py_buffer(buf),
-        read_options=csv.ReadOptions(column_names=list(names), block_size=_PA_BLOCK, use_threads=True),
-        parse_options=csv.ParseOptions(delimiter=delimiter, quote_char=quote_char, escape_char=False,
-                                       newlines_in_values=False, ignore_empty_lines=False,
-                                       invalid_row_handler=on_invalid),
-        convert_options=csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()),
-                                           strings_can_be_null=False, quoted_strings_can_be_null=False),
-    )
+    try:
+        table = csv.read_csv(
+            pa.py_buffer(buf),
+            read_options=csv.ReadOptions(column_names=list(names), block_size=_PA_BLOCK, use_threads=True),
+            parse_options=csv.ParseOptions(delimiter=delimiter, quote_char=quote_char, escape_char=False,
+                                           newlines_in_values=False, ignore_empty_lines=False,
+                                           invalid_row_handler=on_invalid),
+            convert_options=csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()),
+                                               strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as err:
+        if "invalid UTF8" not in str(err):
+            raise
+        return None, 0
     return table, rejected[0]
+
+
+def utf8_error(line: bytes) -> UnicodeDecodeError | None:
+    """The decoding error of a line that is not valid UTF-8, else None."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err
+    return None
 
 
 class _Block:
@@ -224,7 +243,7 @@ def _parsed_blocks(path: Path, block_bytes: int, digest) -> Iterator[tuple]:
         table = None
         if b"\r" not in buf and b"\n\n" not in buf and not buf.startswith(b"\n"):
             table, rejected = _parse_block(buf)
-            if rejected or table.num_rows != n_lines:
+            if table is None or rejected or table.num_rows != n_lines:
                 table = None
         yield buf, n_lines, table
 
@@ -269,6 +288,10 @@ def _blocks(path: Path, block_bytes: int, digest=None, buckets: bool = False) ->
                     bad.append((first_line + k, "carriage return", "line contains \\r"))
                 elif n_fields != _N_COLS:
                     bad.append((first_line + k, "field count", f"{n_fields} fields, expected {_N_COLS}"))
+                elif (err := utf8_error(line)) is not None:
+                    field = COLUMNS[line.count(b"\t", 0, err.start)]
+                    bad.append((first_line + k, "encoding", f"invalid UTF-8 in field {field} (byte "
+                                f"0x{line[err.start]:02x} at byte {err.start + 1} of the line)"))
                 else:
                     good.append(line)
                     good_lines.append(first_line + k)
@@ -528,30 +551,13 @@ class _Counter:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_manifest(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{out_dir}: no {MANIFEST}; prepare the data set with `embcompress data criteo`")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+def check_input_files(paths: Sequence[Path]) -> None:
+    """Each input must be an existing regular file (a folder is named as such, not as missing)."""
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"input {str(p)!r} is a directory; expected a file")
+        if not p.is_file():
+            raise FileNotFoundError(f"input file {str(p)!r} does not exist")
 
 
 def _uint_dtype(max_id: int) -> np.dtype:
@@ -606,6 +612,7 @@ def prepare_criteo(
     on_bad_line: str = "error",
     block_rows: int = 500_000,
     progress: bool = False,
+    force: bool = False,
 ) -> dict:
     """Preprocess Criteo TSV file(s) into ``out_dir``; returns the manifest (see the module docstring).
 
@@ -645,33 +652,14 @@ def prepare_criteo(
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     if split == "day":
         _check_day_inputs(paths)
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+    check_input_files(paths)
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be True or False, got {force!r}")
     out = Path(out_dir)
     options = {"min_count": int(min_count), "split": split, "seed": seed if split == "random" else None,
                "on_bad_line": on_bad_line, "dense_buckets": dense_buckets,
                "max_rows_per_field": None if max_rows_per_field is None else int(max_rows_per_field)}
     sources = [{"path": str(p.resolve()), "name": p.name, "bytes": p.stat().st_size} for p in paths]
-
-    # refuse an output folder holding another data set (cheap checks first, the checksum after pass 1)
-    existing = None
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"output {out} exists and is not a directory")
-        if (out / MANIFEST).is_file():
-            try:
-                existing = read_manifest(out)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{out}/{MANIFEST} is unreadable ({err}); remove the folder first") from err
-            if existing.get("format") != "embcompress-criteo":
-                raise ValueError(f"output folder {out} holds another kind of data set; choose another --out")
-            old_src = [(s.get("name"), s.get("bytes")) for s in existing.get("sources", [])]
-            if {**_OPTION_DEFAULTS, **existing.get("options", {})} != options or old_src != [(s["name"], s["bytes"]) for s in sources]:
-                raise ValueError(f"output folder {out} already holds another data set (different inputs or "
-                                 "options); choose another --out or remove it")
-        elif any(out.iterdir()):
-            raise ValueError(f"output folder {out} is not empty and holds no {MANIFEST}; choose another --out")
 
     block_bytes = max(1, block_rows * 200)  # ~200 bytes per Criteo line; blocks end at a newline
     skipped = {"total": 0, "by_reason": {}, "first": []}
@@ -689,51 +677,45 @@ def prepare_criteo(
     # pass 1: validate, decode, count, hash; the decoded rows are spilled to a temporary file for pass 2
     fields = SPARSE_FIELDS + (BUCKET_FIELDS if dense_buckets else ())
     counters = [_Counter() for _ in fields]
-    with _spill_folder(out, progress) as spill_dir:
-        return _prepare(paths, out, sources, options, existing, skipped, accept, counters, spill_dir,
-                        block_bytes, fields, progress, t0)
-
-
-def _spill_name(out: Path) -> tuple[Path, Path]:
-    """The temporary folder of a preparation of ``out`` and its lock file (both beside ``out``)."""
-    out = out.resolve()
-    return out.parent / f".{out.name}.embcompress-spill", out.parent / f".{out.name}.embcompress-spill.lock"
+    with prepared.locked(out, progress):
+        # the output folder: reuse an identical data set, refuse another one, or pick where to write
+        with prepared.os_errors(out):
+            target = prepared.target(out, "embcompress-criteo", options, sources, paths, force=force,
+                                     option_defaults=_OPTION_DEFAULTS, progress=progress)
+        if target.done is not None:
+            return target.done
+        try:
+            with prepared.os_errors(out, target.failed_note()), _spill_folder(out, progress) as spill_dir:
+                if on_bad_line == "error":  # every line valid, each at most 496 bytes, is >= 160 spilled bytes
+                    prepared.check_free_space(spill_dir, sum(s["bytes"] for s in sources) * 160 // 496,
+                                              "the temporary decoded rows of pass 1 (160 bytes a row)")
+                return _prepare(paths, target, sources, options, skipped, accept, counters, spill_dir,
+                                block_bytes, fields, progress, t0)
+        except BaseException:
+            target.discard()
+            raise
 
 
 @contextlib.contextmanager
 def _spill_folder(out: Path, progress: bool) -> Iterator[Path]:
     """The temporary folder beside ``out`` for pass 1's decoded blocks, removed on exit.
 
-    Its name is fixed per output folder, and a lock file beside it is held (``flock``) while a preparation
-    runs, so a folder left by a killed run is recognised (nobody holds its lock) and removed by the next run,
-    and a second preparation of the same ``out`` while one is running is refused.
+    Its name is fixed per output folder; it is made under the lock of :func:`embcompress.prepared.locked`, so
+    a folder left by a killed run is recognised (nobody holds the lock) and removed here.
     """
-    spill, lock_path = _spill_name(out)
-    spill.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(lock_path, "a+b")
+    spill = prepared.side_paths(out)["spill"]
+    if spill.exists():
+        if progress:
+            print(f"removing {spill}, left by an interrupted run", flush=True)
+        shutil.rmtree(spill)
+    spill.mkdir()
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"another preparation of {out} is running (it holds {lock_path}); wait for it "
-                                 "to finish or stop it") from None
-        if spill.exists():
-            if progress:
-                print(f"removing {spill}, left by an interrupted run", flush=True)
-            shutil.rmtree(spill)
-        spill.mkdir()
-        try:
-            yield spill
-        finally:
-            shutil.rmtree(spill, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
+        yield spill
     finally:
-        lock.close()
+        shutil.rmtree(spill, ignore_errors=True)
 
 
-def _prepare(paths, out, sources, options, existing, skipped, accept, counters, spill_dir, block_bytes,
+def _prepare(paths, target, sources, options, skipped, accept, counters, spill_dir, block_bytes,
              fields, progress, t0) -> dict:
     min_count, cap, split, seed = (options[k] for k in ("min_count", "max_rows_per_field", "split", "seed"))
     buckets = options["dense_buckets"]
@@ -746,6 +728,10 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
         counters[f].add(block.codes[f] if f < n_cat else block.buckets[f - n_cat].astype(np.int64))
 
     with open(spill_path, "wb") as spill:
+        def put(data) -> None:
+            with prepared.naming(spill_path):  # a full disk: the message names the temporary file
+                spill.write(data)
+
         for src, p in zip(sources, paths):
             digest = hashlib.sha256()
             n_file = 0
@@ -757,13 +743,13 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
                 n_pos += int(np.count_nonzero(block.labels))
                 # codes as uint32 ("" -> 0xffffffff); a field holding the value "ffffffff" too is spilled as int64
                 wide = [f for f in range(n_cat) if (block.codes[f] == _U32_MAX).any()]
-                spill.write(block.codes.astype(np.uint32).data)
+                put(block.codes.astype(np.uint32).data)
                 for f in wide:
-                    spill.write(block.codes[f].data)
-                spill.write(block.dense.data)
-                spill.write(block.labels.data)
+                    put(block.codes[f].data)
+                put(block.dense.data)
+                put(block.labels.data)
                 if buckets:
-                    spill.write(block.buckets.data)
+                    put(block.buckets.data)
                 block_sizes.append((len(block), wide))
                 n_file += len(block)
                 if progress:
@@ -774,10 +760,9 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
     if n_rows == 0:
         raise ValueError(f"no data rows in {', '.join(str(p) for p in paths)} (empty input"
                          + (f", {skipped['total']} bad lines skipped)" if skipped["total"] else ")"))
-    checksum = hashlib.sha256("".join(s["sha256"] for s in sources).encode()).hexdigest()
-    if existing is not None and existing.get("source_sha256") not in (None, checksum):
-        raise ValueError(f"output folder {out} already holds a data set of other inputs (sha256 differs); "
-                         "choose another --out or remove it")
+    checksum = prepared.combined_sha256([s["sha256"] for s in sources])
+    target.check_checksum(checksum)
+    out = target.build  # out_dir itself, or the folder beside it that replaces it at the end
 
     # vocabularies
     vocabs, cards = [], []
@@ -813,11 +798,17 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
         "rows": n_rows, "positives": n_pos, "cardinalities": cards, "sparse_dtype": sparse_dtype.name,
         "splits": {k: list(v) for k, v in splits.items()}, "skipped": skipped,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    row_bytes = 4 + 4 * len(DENSE_FIELDS) + sparse_dtype.itemsize * len(fields)
+    row_bytes += _uint_dtype(n_rows).itemsize if split == "random" else 0
+    vocab_bytes = 8 * sum(len(v) for v in vocabs) + 128 * len(fields)
+    prepared.check_free_space(out, n_rows * row_bytes + vocab_bytes + 128 * 4,
+                              f"the arrays of {n_rows:,} rows ({row_bytes} bytes a row) and the vocabularies")
+    target.begin()
     _write_json_atomic(out / MANIFEST, manifest)  # complete: false until every array is written
     (out / "vocab").mkdir(exist_ok=True)
     for name, v in zip(fields, vocabs):
-        np.save(out / "vocab" / f"{name}.npy", v)
+        with prepared.naming(out / "vocab" / f"{name}.npy"):
+            np.save(out / "vocab" / f"{name}.npy", v)
 
     # pass 2: encode and write
     from numpy.lib.format import open_memmap
@@ -829,10 +820,12 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
                                ((n_rows,), (n_rows, len(DENSE_FIELDS)), (n_rows, len(fields)))):
         del_ = open_memmap(path, mode="w+", dtype=dt, shape=shape)
         del del_
+        prepared.allocate(path)  # a full disk fails here, not with SIGBUS at a page written below
     dest = None
     if split == "random":
         dest = np.random.default_rng(seed).permutation(n_rows)  # input row k is written at dest[k]
         row_order = open_memmap(out / "row_order.npy", mode="w+", dtype=_uint_dtype(n_rows), shape=(n_rows,))
+        prepared.allocate(out / "row_order.npy")
         row_order[dest] = np.arange(n_rows, dtype=row_order.dtype)
         row_order.flush()
         del row_order
@@ -843,6 +836,7 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
         by_value = np.argsort(v, kind="stable")
         lookups.append((v[by_value], by_value.astype(sparse_dtype), _lookup_index(v[by_value])))
     row = 0
+    balance = prepared.SplitLabels(splits)
     with open(spill_path, "rb") as spill:
         max_n = max(n for n, _ in block_sizes) if block_sizes else 0
         buf32 = np.empty(max_n * len(SPARSE_FIELDS), np.uint32)
@@ -879,9 +873,11 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
             labels, dense, sparse = (np.load(path, mmap_mode="r+") for path in out_files)
             if dest is None:
                 labels[row:row + n], dense[row:row + n], sparse[row:row + n] = lab, den, spa
+                balance.add(np.arange(row, row + n), lab)
             else:
                 at = dest[row:row + n]
                 labels[at], dense[at], sparse[at] = lab, den, spa
+                balance.add(at, lab)
             del labels, dense, sparse
             row += n
             if progress:
@@ -889,11 +885,13 @@ def _prepare(paths, out, sources, options, existing, skipped, accept, counters, 
     if row != n_rows:
         raise ValueError(f"inputs changed between the two passes ({n_rows} then {row} rows)")
     for path in out_files:  # what flushing the memory maps did: the data on disk before complete: true
-        with open(path, "rb+") as fh:
+        with prepared.naming(path), open(path, "rb+") as fh:
             os.fsync(fh.fileno())
+    balance.record(manifest)
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     _write_json_atomic(out / MANIFEST, manifest)
+    target.commit()
     return manifest
 
 
@@ -948,10 +946,6 @@ def _lookup(codes: np.ndarray, vals: np.ndarray, ids: np.ndarray, reserved: int,
 
 
 # --------------------------------------------------------------------------------------------- load / vocab
-#: on-disk formats :func:`load_criteo` reads: Criteo TSV, and any CSV through a spec (embcompress.csvdata)
-FORMATS = ("embcompress-criteo", "embcompress-csv")
-
-
 def _complete_manifest(out_dir) -> dict:
     m = read_manifest(out_dir)
     if m.get("format") not in FORMATS:
@@ -982,10 +976,14 @@ def load_vocab(out_dir: str | os.PathLike, field: str | int) -> np.ndarray:
     Criteo ``C1..C26``: int64 codes of the hex values (``-1`` = the empty value). ``I<k>_bucket``: bucket codes
     (``floor(ln(x) ** 2)``, ``-2`` = below 1, ``-1`` = missing). A CSV data set: the value strings.
     """
-    m, _, name = _field(out_dir, field)
+    m, f, name = _field(out_dir, field)
     if m["format"] == "embcompress-csv":
-        with open(Path(out_dir) / "vocab" / f"{name}.json", encoding="utf-8") as fh:
-            return np.array(json.load(fh), dtype=object)
+        from .csvdata import read_vocab
+
+        return np.array(read_vocab(out_dir, m, f), dtype=object)
+    if name not in SPARSE_FIELDS + BUCKET_FIELDS:  # the file name comes from the manifest: only known names
+        raise ValueError(f"{Path(out_dir) / MANIFEST}: field name {name!r} is not a Criteo field "
+                         f"(C1..C26, I1_bucket..I13_bucket)")
     return np.load(Path(out_dir) / "vocab" / f"{name}.npy")
 
 

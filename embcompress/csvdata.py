@@ -3,9 +3,12 @@
 A spec names the label column and how to binarise it, the categorical and dense columns, the delimiter and
 header, and the split. :func:`prepare_csv` writes what :func:`embcompress.criteo.prepare_criteo` writes
 (``labels.npy``, ``dense.npy``, ``sparse.npy``, ``row_order.npy``, ``manifest.json`` with ``complete``), with
-``format: embcompress-csv`` and the vocabularies as ``vocab/<column>.json`` (the value strings in id order), so
-:func:`embcompress.criteo.load_criteo` (alias :func:`load_csv`) loads it and a bench suite trains on it with
-``data: {criteo: {path: OUT}}`` or ``embcompress bench run SUITE --data-path OUT``.
+``format: embcompress-csv`` and the vocabularies as ``vocab/field_000.json``, ``vocab/field_001.json``, ... by
+position in ``schema.sparse`` (``{"field": column, "values": [value strings in id order]}``; a column name is
+never part of a path), so :func:`embcompress.criteo.load_criteo` (alias :func:`load_csv`) loads it and a bench
+suite trains on it with ``data: {criteo: {path: OUT}}`` or ``embcompress bench run SUITE --data-path OUT``.
+The output folder follows :mod:`embcompress.prepared` as Criteo preparation does (the same lock, input sha256
+check, ``already_prepared`` / ``force``, rebuild aside, free-space checks, one-line errors on a full disk).
 
 Spec (YAML, read with ``yaml.safe_load``; file paths relative to the spec's folder)::
 
@@ -24,11 +27,12 @@ Spec (YAML, read with ``yaml.safe_load``; file paths relative to the spec's fold
 
 ``positive`` is one comparison ``OP VALUE`` with ``OP`` in ``>= > <= < == !=`` and ``VALUE`` a number (the
 column is then read as a number) or a quoted string (``== "click"``, only ``==`` and ``!=``). It is parsed by
-a regular expression, never evaluated.
+a regular expression, never evaluated; a number that is not finite (``1e400``) is refused.
 
 Ids: per categorical column, by descending count, ties by ascending value (byte order); the empty string is
 a value like any other; the reserved id ``n_f - 1`` takes values below ``min_count``, beyond the cap, and
-unseen ones. Dense values: numbers (``1``, ``-2.5``, ``1e3``) or empty. Splits: ``random`` = a permutation
+unseen ones. Dense values: finite numbers (``1``, ``-2.5``, ``1e3``; ``1e400`` is a bad value, as is a value
+beyond float32 with ``dense_transform: none``) or empty. Splits: ``random`` = a permutation
 from ``numpy.random.default_rng(seed)`` decides where each row is written, then the first 80% train, next 10%
 val, last 10% test; ``time`` = rows sorted by the numeric ``column`` (stable: ties keep file order), earliest
 80% train, next 10% val, last 10% test. ``row_order.npy`` gives, for each written row, its 0-based index among
@@ -36,10 +40,11 @@ the accepted input rows.
 
 Reading: the files are read in blocks cut at newlines (one record per line: quoted fields may hold the
 delimiter but not a newline) and parsed by ``pyarrow.csv.read_csv``; values are checked vectorised. A bad
-line (wrong field count, a label or dense or time value that is not a number, a label that is not 0/1 when
-``positive`` is not given) raises ``ValueError`` naming the file, the 1-based line and the column, or with
-``on_bad_line: skip`` is dropped and counted. Two passes: the first validates and counts values (and keeps the
-time column), the second parses again, encodes and writes memory-mapped arrays.
+line (wrong field count, a label or dense or time value that is not a finite number, a label that is not 0/1
+when ``positive`` is not given, bytes that are not UTF-8) raises ``ValueError`` naming the file, the 1-based
+line and the column, or with ``on_bad_line: skip`` is dropped and counted. Two passes: the first validates
+and counts values (and keeps the time column), the second parses again, encodes and writes memory-mapped
+arrays.
 
 >>> import tempfile, pathlib
 >>> tmp = pathlib.Path(tempfile.mkdtemp())
@@ -67,20 +72,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .criteo import (
-    _raw_blocks,
-    _read_strings,
-    _uint_dtype,
-    _write_json_atomic,
-    load_criteo,
-    read_manifest,
-)
+from . import prepared
+from .criteo import _raw_blocks, _read_strings, _uint_dtype, check_input_files, load_criteo, utf8_error
+from .prepared import write_json_atomic
 
 __all__ = ["CSVSpec", "LabelSpec", "SplitSpec", "load_csv", "load_spec", "parse_comparison", "prepare_csv"]
 
 FORMAT = "embcompress-csv"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+FORMAT_VERSION = 2  # 2: vocab/field_<k>.json by position (1: vocab/<column>.json, a path built from data)
+MANIFEST = prepared.MANIFEST
 _OPS = (">=", "<=", "==", "!=", ">", "<")
 _NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
@@ -104,6 +104,8 @@ def parse_comparison(text: str) -> tuple[str, float | str]:
         raise ValueError(f"label rule {text!r} is not `OP VALUE` with OP one of {' '.join(_OPS)} (e.g. '>= 4')")
     op, raw = m.group(1), m.group(2)
     if _NUMBER_RE.match(raw):
+        if not np.isfinite(float(raw)):  # 1e400 -> inf: no row could be positive (or every row would be)
+            raise ValueError(f"label rule {text!r}: the value {raw} is not a finite number")
         return op, float(raw)
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" and raw[0] not in raw[1:-1]:
         if op not in ("==", "!="):
@@ -212,6 +214,8 @@ def load_spec(path: str | os.PathLike) -> CSVSpec:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"spec {str(path)!r} is a directory; expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"spec file {str(path)!r} does not exist")
     raw = yaml.safe_load(path.read_text())
@@ -282,6 +286,10 @@ class _Reader:
     def _header(self, path: Path, buf: bytes) -> tuple[bytes, int]:
         """The block without its header line (checked), and the number of the first line after it."""
         cut = buf.index(b"\n") + 1
+        err = utf8_error(buf[:cut - 1])
+        if err is not None:
+            raise ValueError(f"{path}: line 1: the header is not valid UTF-8 (byte 0x{buf[err.start]:02x} at byte "
+                             f"{err.start + 1})")
         names = tuple(_split_fields(buf[:cut - 1], self.spec.delimiter))
         if self.names is None:
             if len(set(names)) != len(names):
@@ -313,7 +321,7 @@ class _Reader:
             table = None
             if b"\n\n" not in buf and not buf.startswith(b"\n"):
                 table, rejected = _read_strings(buf, names, delimiter=self.spec.delimiter, quote_char='"')
-                if rejected or table.num_rows != n_lines:
+                if table is None or rejected or table.num_rows != n_lines:  # None: not UTF-8
                     table = None
             lines = np.arange(first_line, first_line + n_lines, dtype=np.int64)
             if table is None:  # exact path: find the lines with the wrong number of fields
@@ -325,6 +333,8 @@ class _Reader:
                     elif n_fields != len(names):
                         self.bad(path, first_line + k, "field count",
                                  f"{n_fields} fields, expected {len(names)} ({self.spec.delimiter!r}-separated)")
+                    elif (err := utf8_error(line)) is not None:
+                        self.bad(path, first_line + k, "encoding", self._utf8_detail(line, err))
                     else:
                         good.append(line)
                         good_lines.append(first_line + k)
@@ -340,6 +350,14 @@ class _Reader:
             first_line += n_lines
             yield self._values(path, {c: table.column(c) for c in self.spec.used_columns}, lines)
 
+    def _utf8_detail(self, line: bytes, err: UnicodeDecodeError) -> str:
+        """Which column holds the bytes that are not UTF-8 (they decode to lone surrogates with surrogateescape)."""
+        fields = next(csv.reader([line.decode("utf-8", "surrogateescape").rstrip("\r")],
+                                 delimiter=self.spec.delimiter))
+        j = next((j for j, v in enumerate(fields) if re.search("[\udc80-\udcff]", v)), None)
+        where = f" in column {self.names[j]!r}" if j is not None and j < len(self.names) else ""
+        return f"invalid UTF-8{where} (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the line)"
+
     def _values(self, path: Path, cols: dict, lines: np.ndarray) -> _Rows:
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -349,7 +367,7 @@ class _Reader:
         ok = np.ones(n, dtype=bool)
         problems: list[tuple[np.ndarray, str, str, str]] = []  # (mask of bad rows, reason, column, expected)
 
-        def number(column: str, allow_empty: bool, reason: str) -> np.ndarray:
+        def number(column: str, allow_empty: bool, reason: str, float32: bool = False) -> np.ndarray:
             col = cols[column]
             good = pc.match_substring_regex(col, f"^{_NUMBER}$").to_numpy(zero_copy_only=False)
             empty = pc.equal(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
@@ -358,13 +376,23 @@ class _Reader:
             if not good.all():
                 problems.append((~good, reason, column, "a number" + (" or empty" if allow_empty else "")))
             safe = pc.if_else(pa.array(good & ~empty), col, "0")
-            return pc.cast(safe, pa.float64()).to_numpy(zero_copy_only=False)
+            x = pc.cast(safe, pa.float64()).to_numpy(zero_copy_only=False)
+            # 1e400 parses as inf (and 1e39 is inf once stored as float32): a bad value, not a silent inf
+            with np.errstate(over="ignore"):
+                infinite = ~np.isfinite(x.astype(np.float32) if float32 else x)
+            if infinite.any():
+                problems.append((infinite, reason, column, "a finite number"
+                                 + (" (float32: |x| < 3.4e38)" if float32 else "")))
+                x = np.where(infinite, 0.0, x)
+            return x
 
         label_col = cols[spec.label.column]
         if self.rule is None:
+            n_problems = len(problems)
             x = number(spec.label.column, False, "label")
-            not01 = (x != 0) & (x != 1)
-            bad01 = not01 & ~problems[-1][0] if problems and problems[-1][2] == spec.label.column else not01
+            bad01 = (x != 0) & (x != 1)
+            for mask, *_ in problems[n_problems:]:  # reported already as not a (finite) number
+                bad01 &= ~mask
             if bad01.any():
                 problems.append((bad01, "label", spec.label.column, "0 or 1 (or give label.positive)"))
             labels = (x == 1).astype(np.float32)
@@ -380,7 +408,7 @@ class _Reader:
                 labels = cmp(x, value).astype(np.float32)
         dense = np.zeros((n, len(spec.dense)), dtype=np.float32)
         for j, c in enumerate(spec.dense):
-            x = number(c, True, "dense")
+            x = number(c, True, "dense", float32=spec.dense_transform == "none")
             dense[:, j] = np.log1p(np.maximum(x, 0)) if spec.dense_transform == "log1p" else x
         times = number(spec.split.column, False, "time") if spec.split.kind == "time" else None
         found: dict[int, tuple[str, str]] = {}  # row -> its first problem (label, then dense, then time)
@@ -414,37 +442,65 @@ def _merge_counts(acc, col):
 
 
 def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *, block_rows: int = 500_000,
-                progress: bool = False) -> dict:
-    """Prepare the data set a spec describes into ``out_dir``; returns the manifest (see the module docstring)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from numpy.lib.format import open_memmap
+                progress: bool = False, force: bool = False) -> dict:
+    """Prepare the data set a spec describes into ``out_dir``; returns the manifest (see the module docstring).
 
+    ``out_dir`` holding this data set already (same spec and inputs, by sha256): nothing is done and the manifest
+    is returned with ``already_prepared: True``; ``force=True`` rebuilds it (aside, swapped in at the end).
+    """
     t0 = time.perf_counter()
     if not isinstance(spec, CSVSpec):
         spec = load_spec(spec)
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows must be an int >= 1, got {block_rows!r}")
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be True or False, got {force!r}")
     paths = [Path(f) for f in spec.files]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+    check_input_files(paths)
     out = Path(out_dir)
     options = {**_jsonable(asdict(spec)), "files": [str(p.resolve()) for p in paths]}
     sources = [{"path": str(p.resolve()), "name": p.name, "bytes": p.stat().st_size} for p in paths]
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"output {out} exists and is not a directory")
-        if (out / MANIFEST).is_file():
-            old = read_manifest(out)
-            same = (old.get("format") == FORMAT and old.get("options") == options
-                    and [(s.get("name"), s.get("bytes")) for s in old.get("sources", [])]
-                    == [(s["name"], s["bytes"]) for s in sources])
-            if not same:
-                raise ValueError(f"output folder {out} already holds another data set (different spec or inputs); "
-                                 "choose another --out or remove it")
-        elif any(out.iterdir()):
-            raise ValueError(f"output folder {out} is not empty and holds no {MANIFEST}; choose another --out")
+    with prepared.locked(out, progress):  # the same lock, reuse and swap rules as Criteo preparation
+        with prepared.os_errors(out):
+            target = prepared.target(out, FORMAT, options, sources, paths, force=force, progress=progress)
+        if target.done is not None:
+            return target.done
+        try:
+            with prepared.os_errors(out, target.failed_note()):
+                return _prepare(spec, paths, options, sources, target, block_rows, progress, t0)
+        except BaseException:
+            target.discard()
+            raise
+
+
+def vocab_file(position: int) -> str:
+    """The vocabulary file of the categorical field at ``position`` (never a name from the data)."""
+    return f"field_{position:03d}.json"
+
+
+def read_vocab(out_dir: str | os.PathLike, manifest: dict, position: int) -> list[str]:
+    """The value strings, in id order, of the categorical field at ``position`` of a prepared CSV data set."""
+    name = manifest["schema"]["sparse"][position]
+    if manifest.get("version", 1) < 2:  # written before vocabularies were stored by position
+        if not isinstance(name, str) or re.search(r"[/\\\x00]", name) or name in ("", ".", ".."):
+            raise ValueError(f"{out_dir}: a version-1 data set whose column name {name!r} is not a plain file name; "
+                             "prepare it again")
+        path = Path(out_dir) / "vocab" / f"{name}.json"
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    path = Path(out_dir) / "vocab" / vocab_file(position)
+    with open(path, encoding="utf-8") as fh:
+        v = json.load(fh)
+    if not isinstance(v, dict) or v.get("field") != name or not isinstance(v.get("values"), list):
+        raise ValueError(f"{path}: expected {{field: {name!r}, values: [...]}} (the manifest's field {position})")
+    return v["values"]
+
+
+def _prepare(spec: CSVSpec, paths: list[Path], options: dict, sources: list[dict], target, block_rows: int,
+             progress: bool, t0: float) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from numpy.lib.format import open_memmap
 
     # pass 1: validate, count values, keep the time column; hash the inputs
     reader = _Reader(spec, paths, block_rows)
@@ -468,6 +524,9 @@ def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *
     if n_rows == 0:
         raise ValueError(f"no data rows in {', '.join(str(p) for p in paths)}"
                          + (f" ({reader.skipped['total']} bad lines skipped)" if reader.skipped["total"] else ""))
+    checksum = prepared.combined_sha256([s["sha256"] for s in sources])
+    target.check_checksum(checksum)
+    out = target.build  # out_dir itself, or the folder beside it that replaces it at the end
 
     # vocabularies: descending count, ties by ascending value
     vocabs, cards = [], []
@@ -489,7 +548,6 @@ def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *
         dest = np.empty(n_rows, dtype=np.int64)
         dest[order] = np.arange(n_rows)
     times = None
-    checksum = hashlib.sha256("".join(s["sha256"] for s in sources).encode()).hexdigest()
     rule = (f"{spec.label.column} {spec.label.positive}" if spec.label.positive is not None
             else f"{spec.label.column} (0 or 1)")
     manifest = {
@@ -499,7 +557,8 @@ def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *
                    "files": {"labels": "labels.npy (float32 [N])",
                              "dense": f"dense.npy (float32 [N, {len(spec.dense)}])",
                              "sparse": f"sparse.npy ({sparse_dtype.name} [N, {len(spec.categorical)}])",
-                             "vocab": "vocab/<field>.json (value strings in id order)",
+                             "vocab": "vocab/field_<k>.json (k = 000, 001, ...: the position in schema.sparse; "
+                                      "{field: name, values: value strings in id order})",
                              "row_order": "row_order.npy (index among accepted input rows of each written row)"},
                    "dense_transform": ("log(1 + max(x, 0)), missing -> 0" if spec.dense_transform == "log1p"
                                        else "none (x as read), missing -> 0"),
@@ -508,21 +567,29 @@ def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *
         "rows": n_rows, "positives": n_pos, "cardinalities": cards, "sparse_dtype": sparse_dtype.name,
         "splits": splits, "skipped": reader.skipped,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / MANIFEST, manifest)
+    files = {"labels": ((n_rows,), np.float32), "dense": ((n_rows, len(spec.dense)), np.float32),
+             "sparse": ((n_rows, len(spec.categorical)), sparse_dtype),
+             "row_order": ((n_rows,), _uint_dtype(n_rows))}
+    row_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize for shape, dt in files.values())
+    vocab_bytes = sum(v.nbytes + 4 * len(v) for v in vocabs)  # about: the strings, quoted, comma-separated
+    prepared.check_free_space(out, n_rows * row_bytes + vocab_bytes + 128 * len(files),
+                              f"the arrays of {n_rows:,} rows ({row_bytes} bytes a row) and the vocabularies")
+    target.begin()
+    write_json_atomic(out / MANIFEST, manifest)  # complete: false until every array is written
     (out / "vocab").mkdir(exist_ok=True)
-    for c, v in zip(spec.categorical, vocabs):
-        with open(out / "vocab" / f"{c}.json", "w", encoding="utf-8") as fh:
-            json.dump(v.to_pylist(), fh, ensure_ascii=False)
-    row_order = open_memmap(out / "row_order.npy", mode="w+", dtype=_uint_dtype(n_rows), shape=(n_rows,))
-    row_order[dest] = np.arange(n_rows, dtype=row_order.dtype)
-    del row_order
+    for f, (c, v) in enumerate(zip(spec.categorical, vocabs)):
+        path = out / "vocab" / vocab_file(f)
+        with prepared.naming(path), open(path, "w", encoding="utf-8") as fh:
+            json.dump({"field": c, "values": v.to_pylist()}, fh, ensure_ascii=False)
+    arrays = {}
+    for k, (shape, dt) in files.items():
+        arrays[k] = open_memmap(out / f"{k}.npy", mode="w+", dtype=dt, shape=shape)
+        prepared.allocate(out / f"{k}.npy")  # a full disk fails here, not with SIGBUS at a page written below
+    arrays["row_order"][dest] = np.arange(n_rows, dtype=arrays["row_order"].dtype)
 
     # pass 2: parse again (same rows accepted), encode, write at each row's place
-    files = {"labels": ((n_rows,), np.float32), "dense": ((n_rows, len(spec.dense)), np.float32),
-             "sparse": ((n_rows, len(spec.categorical)), sparse_dtype)}
-    arrays = {k: open_memmap(out / f"{k}.npy", mode="w+", dtype=dt, shape=shape) for k, (shape, dt) in files.items()}
     quiet = _Reader(spec, paths, block_rows, report=False)
+    balance = prepared.SplitLabels(splits)
     row = 0
     for p in paths:
         for rows in quiet.rows(p, hashlib.sha256()):
@@ -530,6 +597,7 @@ def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *
             at = dest[row:row + n]
             arrays["labels"][at] = rows.labels
             arrays["dense"][at] = rows.dense
+            balance.add(at, rows.labels)
             ids = np.empty((n, len(spec.categorical)), dtype=sparse_dtype)
             for f, c in enumerate(spec.categorical):
                 idx = pc.index_in(rows.cols[c], value_set=vocabs[f])
@@ -544,11 +612,13 @@ def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *
         a.flush()
     del arrays
     for k in files:
-        with open(out / f"{k}.npy", "rb+") as fh:
+        with prepared.naming(out / f"{k}.npy"), open(out / f"{k}.npy", "rb+") as fh:
             os.fsync(fh.fileno())
+    balance.record(manifest)
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+    target.commit()
     return manifest
 
 
