@@ -55,12 +55,12 @@ class DCN(nn.Module):
     ) -> None:
         super().__init__()
         check_collection(embeddings, "DCN")
-        cross_layers = check_positive_int("cross_layers", cross_layers)
-        deep_mlp = check_sizes("deep_mlp", deep_mlp, allow_empty=True)
-        dropout = check_dropout(dropout)
-        batch_norm = check_flag("batch_norm", batch_norm)
+        cross_layers = check_positive_int("cross_layers", cross_layers, owner=self)
+        deep_mlp = check_sizes("deep_mlp", deep_mlp, allow_empty=True, owner=self)
+        dropout = check_dropout(dropout, owner=self)
+        batch_norm = check_flag("batch_norm", batch_norm, owner=self)
         self.embeddings = embeddings
-        self.num_dense = check_num_dense(num_dense)
+        self.num_dense = check_num_dense(num_dense, owner=self)
         in_features = embeddings.num_fields * embeddings.embedding_dim + self.num_dense
         self.cross = CrossNet(in_features, cross_layers)
         self.deep = MLP(in_features, deep_mlp, dropout=dropout, batch_norm=batch_norm) if deep_mlp else None

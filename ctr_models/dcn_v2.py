@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from embcompress.contract import CompressedEmbedding, check_positive_int
+from embcompress.contract import CompressedEmbedding, check_choice, check_positive_int
 from embcompress.registry import MODELS
 
 from .layers import MLP, CrossNetV2, check_collection, check_dropout, check_num_dense, check_sizes, flat_input
@@ -62,16 +62,14 @@ class DCNv2(nn.Module):
     ) -> None:
         super().__init__()
         check_collection(embeddings, "DCNv2")
-        cross_layers = check_positive_int("cross_layers", cross_layers)
-        deep_mlp = check_sizes("deep_mlp", deep_mlp, allow_empty=True)
-        if structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-        if low_rank is not None:
-            low_rank = check_positive_int("low_rank", low_rank)
-        num_experts = check_positive_int("num_experts", num_experts)
-        dropout = check_dropout(dropout)
+        cross_layers = check_positive_int("cross_layers", cross_layers, owner=self)
+        deep_mlp = check_sizes("deep_mlp", deep_mlp, allow_empty=True, owner=self)
+        structure = check_choice("structure", structure, STRUCTURES, owner=self)
+        low_rank = check_positive_int("low_rank", low_rank, optional=True, owner=self)
+        num_experts = check_positive_int("num_experts", num_experts, owner=self)
+        dropout = check_dropout(dropout, owner=self)
         self.embeddings = embeddings
-        self.num_dense = check_num_dense(num_dense)
+        self.num_dense = check_num_dense(num_dense, owner=self)
         self.structure = structure
         in_features = embeddings.num_fields * embeddings.embedding_dim + self.num_dense
         self.cross = CrossNetV2(in_features, cross_layers, low_rank=low_rank, num_experts=num_experts)

@@ -60,11 +60,11 @@ class DeepFM(nn.Module):
     ) -> None:
         super().__init__()
         check_collection(embeddings, "DeepFM")
-        deep_mlp = check_sizes("deep_mlp", deep_mlp)
-        dropout = check_dropout(dropout)
-        batch_norm = check_flag("batch_norm", batch_norm)
+        deep_mlp = check_sizes("deep_mlp", deep_mlp, owner=self)
+        dropout = check_dropout(dropout, owner=self)
+        batch_norm = check_flag("batch_norm", batch_norm, owner=self)
         self.embeddings = embeddings
-        self.num_dense = check_num_dense(num_dense)
+        self.num_dense = check_num_dense(num_dense, owner=self)
         in_features = embeddings.num_fields * embeddings.embedding_dim + self.num_dense
         self.linear = nn.Linear(in_features, 1)
         self.interaction = FMInteraction(fm_pair_scale(embeddings.num_fields))

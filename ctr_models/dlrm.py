@@ -15,7 +15,7 @@ from torch import nn
 from embcompress.contract import CompressedEmbedding
 from embcompress.registry import MODELS
 
-from .layers import MLP, DotInteraction, check_num_dense, check_sizes
+from .layers import MLP, DotInteraction, check_dense, check_flag, check_num_dense, check_sizes
 
 
 @MODELS.register("dlrm.v1")
@@ -46,11 +46,12 @@ class DLRM(nn.Module):
         super().__init__()
         if embeddings.single:
             raise ValueError("DLRM needs a feature collection (one cardinality per field), not a single table")
-        bottom_mlp = check_sizes("bottom_mlp", bottom_mlp, allow_empty=True)
-        top_mlp = check_sizes("top_mlp", top_mlp, allow_empty=True)
+        bottom_mlp = check_sizes("bottom_mlp", bottom_mlp, allow_empty=True, owner=self)
+        top_mlp = check_sizes("top_mlp", top_mlp, allow_empty=True, owner=self)
+        self_interaction = check_flag("self_interaction", self_interaction, owner=self)
         dim = embeddings.embedding_dim
         self.embeddings = embeddings
-        self.num_dense = check_num_dense(num_dense)
+        self.num_dense = check_num_dense(num_dense, owner=self)
         self.bottom = MLP(self.num_dense, [*bottom_mlp, dim]) if self.num_dense else None
         num_vectors = embeddings.num_fields + (1 if self.bottom is not None else 0)
         self.interaction = DotInteraction(num_vectors, self_interaction=self_interaction)
@@ -59,6 +60,7 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         vectors = self.embeddings(sparse)
+        check_dense(dense, vectors.shape[0], self.num_dense)
         if self.bottom is None:
             return self.top(self.interaction(vectors)).squeeze(-1)
         x = self.bottom(dense)

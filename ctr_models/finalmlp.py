@@ -87,20 +87,20 @@ class FinalMLP(nn.Module):
     ) -> None:
         super().__init__()
         check_collection(embeddings, "FinalMLP")
-        mlp1 = check_sizes("mlp1", mlp1)
-        mlp2 = check_sizes("mlp2", mlp2)
+        mlp1 = check_sizes("mlp1", mlp1, owner=self)
+        mlp2 = check_sizes("mlp2", mlp2, owner=self)
         if gate_mlp is not None:
-            gate_mlp = check_sizes("gate_mlp", gate_mlp, allow_empty=True)
-        num_heads = check_positive_int("num_heads", num_heads)
+            gate_mlp = check_sizes("gate_mlp", gate_mlp, allow_empty=True, owner=self)
+        num_heads = check_positive_int("num_heads", num_heads, owner=self)
         if mlp1[-1] % num_heads or mlp2[-1] % num_heads:
             raise ValueError(
                 f"num_heads={num_heads!r} must divide both stream widths "
                 f"(mlp1[-1]={mlp1[-1]}, mlp2[-1]={mlp2[-1]})"
             )
-        dropout = check_dropout(dropout)
-        batch_norm = check_flag("batch_norm", batch_norm)
+        dropout = check_dropout(dropout, owner=self)
+        batch_norm = check_flag("batch_norm", batch_norm, owner=self)
         self.embeddings = embeddings
-        self.num_dense = check_num_dense(num_dense)
+        self.num_dense = check_num_dense(num_dense, owner=self)
         in_features = embeddings.num_fields * embeddings.embedding_dim + self.num_dense
         if gate_mlp is None:
             self.gate1 = self.gate2 = None

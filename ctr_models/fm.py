@@ -41,7 +41,7 @@ class FactorizationMachine(nn.Module):
         super().__init__()
         check_collection(embeddings, "FactorizationMachine")
         self.embeddings = embeddings
-        self.num_dense = check_num_dense(num_dense)
+        self.num_dense = check_num_dense(num_dense, owner=self)
         self.linear = nn.Linear(embeddings.num_fields * embeddings.embedding_dim + self.num_dense, 1)
         self.interaction = FMInteraction(fm_pair_scale(embeddings.num_fields))
 

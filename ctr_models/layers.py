@@ -6,11 +6,12 @@ Every layer states its shapes. ``B`` is the batch, ``F`` the number of fields, `
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from embcompress.validate import check_bool, check_int, check_int_list, check_number
 
 __all__ = [
     "MLP",
@@ -21,6 +22,7 @@ __all__ = [
     "BilinearFusion",
     "check_collection",
     "check_num_dense",
+    "check_dense",
     "check_sizes",
     "check_dropout",
     "check_flag",
@@ -37,46 +39,37 @@ def check_collection(embeddings, model: str) -> None:
         )
 
 
-def check_num_dense(num_dense) -> int:
+# Thin names over the contract's typed validators (embcompress.validate); ``owner`` (the model) prefixes errors.
+def check_num_dense(num_dense, *, owner=None) -> int:
     """``num_dense`` as an int >= 0, or a ``ValueError`` naming the bad value."""
-    if isinstance(num_dense, bool) or not isinstance(num_dense, numbers.Integral) or num_dense < 0:
-        raise ValueError(f"num_dense must be an int >= 0, got {num_dense!r}")
-    return int(num_dense)
+    return check_int("num_dense", num_dense, lo=0, owner=owner)
 
 
-def check_sizes(name: str, sizes, *, allow_empty: bool = False) -> tuple[int, ...]:
+def check_sizes(name: str, sizes, *, allow_empty: bool = False, owner=None) -> tuple[int, ...]:
     """Layer widths as a tuple of positive ints, or a ``ValueError`` naming the option and the bad value."""
-    ok = isinstance(sizes, Sequence) and not isinstance(sizes, (str, bytes)) and all(
-        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in sizes
-    )
-    if not ok or (not sizes and not allow_empty):
-        what = "a list of positive ints" if allow_empty else "a non-empty list of positive ints"
-        raise ValueError(f"{name} must be {what}, got {sizes!r}")
-    return tuple(int(s) for s in sizes)
+    return check_int_list(name, sizes, lo=1, allow_empty=allow_empty, owner=owner)
 
 
-def check_dropout(dropout, name: str = "dropout") -> float:
+def check_dropout(dropout, name: str = "dropout", *, owner=None) -> float:
     """A dropout probability in ``[0, 1)``."""
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {dropout!r}")
-    return float(dropout)
+    return check_number(name, dropout, lo=0, hi=1, hi_open=True, owner=owner)
 
 
-def check_flag(name: str, value) -> bool:
+def check_flag(name: str, value, *, owner=None) -> bool:
     """A plain bool (so a YAML string like ``"no"`` is not silently truthy)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
+    return check_bool(name, value, owner=owner)
 
 
 def flat_input(vectors: torch.Tensor, dense: torch.Tensor, num_dense: int) -> torch.Tensor:
     """``[B, F, D]`` embeddings and ``[B, num_dense]`` dense features -> ``[B, F * D + num_dense]``."""
-    if dense.dim() != 2 or dense.shape[1] != num_dense or dense.shape[0] != vectors.shape[0]:
-        raise ValueError(
-            f"dense must have shape [{vectors.shape[0]}, {num_dense}] (batch, num_dense), "
-            f"got {list(dense.shape)}"
-        )
+    check_dense(dense, vectors.shape[0], num_dense)
     return torch.cat([vectors.flatten(1), dense.to(vectors.dtype)], dim=1)
+
+
+def check_dense(dense: torch.Tensor, batch: int, num_dense: int) -> None:
+    """``dense`` must be ``[batch, num_dense]``: a model built for other data says so instead of mis-reading it."""
+    if dense.dim() != 2 or dense.shape[1] != num_dense or dense.shape[0] != batch:
+        raise ValueError(f"dense must have shape [{batch}, {num_dense}] (batch, num_dense), got {list(dense.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------- layers
@@ -98,9 +91,7 @@ class MLP(nn.Sequential):
         dropout: float = 0.0,
         batch_norm: bool = False,
     ) -> None:
-        sizes = [int(s) for s in sizes]
-        if not sizes or any(s < 1 for s in sizes):
-            raise ValueError(f"MLP sizes must be a non-empty list of positive ints, got {sizes!r}")
+        sizes = check_int_list("MLP sizes", sizes, lo=1)
         dropout = check_dropout(dropout)
         layers: list[nn.Module] = []
         for i, width in enumerate(sizes):

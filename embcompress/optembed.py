@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from .contract import BudgetError
+from .validate import check_int, check_number
 from .data import Batch, CTRData
 from .training import TrainConfig, TrainResult, evaluate, predict, train
 
@@ -47,14 +48,13 @@ class SearchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("population", "keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("mutations", "crossovers", "generations"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
-        if not 0 <= self.mutate_prob <= 1:
-            raise ValueError(f"mutate_prob must be in [0, 1], got {self.mutate_prob!r}")
+        # Typed (no coercion of 2.7 or "5"), stored as plain Python values (numpy scalars accepted).
+        checked = {name: check_int(name, getattr(self, name), lo=lo, owner="SearchConfig")
+                   for name, lo in (("population", 1), ("keep", 1), ("mutations", 0), ("crossovers", 0),
+                                    ("generations", 0), ("seed", None))}
+        checked["mutate_prob"] = check_number("mutate_prob", self.mutate_prob, lo=0, hi=1, owner="SearchConfig")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen dataclass
 
 
 @dataclass

@@ -83,6 +83,14 @@ class Registry(Generic[T]):
                 raise RegistryError(
                     f"duplicate {self.kind} name {name!r}: already registered by {self._entries[name]!r}"
                 )
+            # One name per class: a second would overwrite `registry_name`, which errors and reports print.
+            # (Compared by identity: a subclass inherits `registry_name` but is a class of its own.)
+            old = next((n for n, o in self._entries.items() if o is obj), None)
+            if old is not None:
+                raise RegistryError(
+                    f"{obj!r} is already registered as {self.kind} {old!r}; it cannot also be {name!r} "
+                    f"(register a subclass under the new name instead)"
+                )
             self._entries[name] = obj
             setattr(obj, "registry_name", name)
             return obj

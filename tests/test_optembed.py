@@ -101,7 +101,7 @@ def test_pruned_rows_output_zero_or_the_learned_field_vector():
 def test_bad_options_name_the_value():
     with pytest.raises(ValueError, match="threshold must be one of"):
         OptEmbed(CARDS, 4, threshold="row")
-    with pytest.raises(ValueError, match="threshold_lr must be a positive number, got 0"):
+    with pytest.raises(ValueError, match="optembed.v1: threshold_lr must be a positive finite number, got 0"):
         OptEmbed(CARDS, 4, threshold_lr=0)
     with pytest.raises(ValueError, match=r"dims must lie in \[1, 4\]"):
         OptEmbed(CARDS, 4).set_dims([1, 2, 5, 1])

@@ -79,6 +79,31 @@ def test_badly_formed_names_raise(name):
     assert len(reg) == 0
 
 
+def test_registering_a_class_under_a_second_name_is_refused():
+    reg = _fresh()
+    cls = reg.get("hashing.v1")
+    with pytest.raises(RegistryError, match=r"already registered as widget 'hashing.v1'.*'hashing2.v1'"):
+        reg.register("hashing2.v1")(cls)
+    assert cls.registry_name == "hashing.v1"  # not rewritten
+    assert "hashing2.v1" not in reg and len(reg) == 2
+
+    class Sub(cls):  # a subclass is a class of its own, even though it inherits registry_name
+        pass
+
+    assert reg.register("hashing2.v1")(Sub) is Sub
+    assert Sub.registry_name == "hashing2.v1" and cls.registry_name == "hashing.v1"
+
+
+def test_builtin_table_keeps_its_name_when_registered_again():
+    from embcompress.tables import HashingEmbedding
+
+    with pytest.raises(RegistryError, match="'hashing.v1'.*'hashing2.v1'"):
+        TABLES.register("hashing2.v1")(HashingEmbedding)
+    assert HashingEmbedding.registry_name == "hashing.v1" and "hashing2.v1" not in TABLES
+    with pytest.raises(ValueError, match=r"^hashing.v1: shared must be a bool"):
+        HashingEmbedding([10, 20], 4, num_buckets=8, shared="no")
+
+
 @pytest.mark.parametrize("name", ["a.v1", "hashing.v12", "tt_rec.v2", "qr2.v0"])
 def test_well_formed_names_accepted(name):
     reg = Registry("widget")
