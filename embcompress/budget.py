@@ -10,9 +10,10 @@ method's smallest table fits, and it names that smallest reachable budget.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+
+from .validate import check_number
 
 __all__ = ["BudgetError", "BudgetKnob", "solve_knob", "solve_budget", "check_budget"]
 
@@ -45,11 +46,12 @@ class BudgetKnob:
 
 
 def check_budget(budget_bytes) -> int:
-    """A positive finite budget as whole bytes, or :class:`BudgetError` naming the bad value."""
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not budget_bytes > 0:
-        raise BudgetError(f"budget_bytes must be a positive number, got {budget_bytes!r}")
-    if not math.isfinite(budget_bytes):
-        raise BudgetError(f"budget_bytes must be finite, got {budget_bytes!r}")
+    """A positive finite budget (int or float, numpy scalars included) as whole bytes, or :class:`BudgetError`
+    naming the bad value."""
+    try:
+        check_number("budget_bytes", budget_bytes, positive=True)
+    except ValueError as e:  # a BudgetError, so callers catching budget problems see this one too
+        raise BudgetError(str(e)) from None
     return int(budget_bytes)
 
 

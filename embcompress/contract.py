@@ -14,23 +14,39 @@ return at initialisation, whatever their internals), and describe their one size
 the shared solver (:mod:`embcompress.budget`) builds them to a budget. All fields go through one vectorised call, so no model loops over fields
 in Python. Ids are checked before ``embed`` sees them: negative ids, ids at or above a bounded field's
 cardinality, and non-integer dtypes raise ``ValueError`` naming the field and the value; nothing is clamped.
+That holds on the CPU. On CUDA the value check is an asynchronous device-side assert (``torch._assert_async``),
+because reading its verdict on the host would make every forward wait for the GPU: a bad id fails at the next
+synchronising call ("device-side assert triggered", the table's message printed by the kernel) and leaves the
+CUDA context unusable; on the meta device there are no values, so only shapes and dtypes are checked (see
+:func:`id_check_mode`).
+
+Options are checked with the typed validators of :mod:`embcompress.validate` (re-exported here): a bool is a
+bool, an int an integral non-bool (numpy ints included), a number finite; nothing is coerced.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
+import warnings
 from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from .budget import BudgetError, BudgetKnob, check_budget, solve_budget
+from .config_state import FORMAT, check_saved_options, recording_init
 from .memory import MemoryReport, baseline_bytes, measure
+from .validate import (
+    check_bool, check_choice, check_float, check_int, check_int_list, check_number, check_per_field,
+    check_positive_int, check_positive_number, owner_name,
+)
 
 __all__ = [
-    "CompressedEmbedding", "BudgetError", "BudgetKnob", "POOLING_MODES", "as_cardinalities", "check_positive_int",
-    "check_seed", "init_rows_", "resolve_init_std", "default_init_std",
+    "CompressedEmbedding", "IdError", "BudgetError", "BudgetKnob", "POOLING_MODES", "as_cardinalities", "check_positive_int",
+    "check_seed", "init_rows_", "resolve_init_std", "default_init_std", "id_check_mode",
+    # the typed option validators (embcompress.validate), for tables and models alike
+    "check_bool", "check_int", "check_number", "check_float", "check_positive_number", "check_choice",
+    "check_int_list", "check_per_field",
 ]
 
 POOLING_MODES = ("sum", "mean")
@@ -39,28 +55,44 @@ POOLING_MODES = ("sum", "mean")
 MAX_SEED = 2**31
 
 
-def check_positive_int(name: str, value) -> int:
-    """``value`` as an int, or a ``ValueError`` naming ``name`` and the bad value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def check_seed(seed) -> int:
+def check_seed(seed, *, owner=None) -> int:
     """A hash seed in ``[0, 2**31)`` (so derived per-field seeds stay inside int64)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
-    return int(seed)
+    return check_int("seed", seed, lo=0, hi=MAX_SEED - 1, owner=owner)
 
 
-def as_cardinalities(cardinalities: int | Sequence[int]) -> tuple[int, ...]:
-    seq = [cardinalities] if isinstance(cardinalities, numbers.Integral) else list(cardinalities)
-    if not seq:
-        raise ValueError("cardinalities is empty: expected one positive int per field")
-    for i, c in enumerate(seq):
-        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
-            raise ValueError(f"cardinality of field {i} must be a positive int, got {c!r}")
-    return tuple(int(c) for c in seq)
+def as_cardinalities(cardinalities: int | Sequence[int], *, owner=None) -> tuple[int, ...]:
+    """One positive int, or one per field (numpy ints accepted), as a tuple of Python ints."""
+    if isinstance(cardinalities, numbers.Integral) and not isinstance(cardinalities, bool):
+        return (check_positive_int("cardinality", cardinalities, owner=owner),)
+    if isinstance(cardinalities, (str, bytes)) or not isinstance(cardinalities, Sequence) or not cardinalities:
+        prefix = owner_name(owner)
+        raise ValueError(f"{prefix + ': ' if prefix else ''}cardinalities must be a positive int or a non-empty "
+                         f"list of one positive int per field, got {cardinalities!r}")
+    return tuple(check_positive_int(f"cardinality of field {i}", c, owner=owner)
+                 for i, c in enumerate(cardinalities))
+
+
+def id_check_mode(device: torch.device | str) -> str:
+    """How tables check the values of ids (and bag lengths) on ``device``; shapes and dtypes are always checked.
+
+    * ``"raise"`` (the CPU, and every device but CUDA and meta): a ``ValueError`` naming the field, the value and
+      its position. Deciding costs one read of a flag on the host: free on the CPU, a wait for the device
+      elsewhere.
+    * ``"async"`` (CUDA): ``torch._assert_async``, a device-side assert queued with the forward, so no forward
+      waits for the GPU. A bad id surfaces at the next synchronising call as CUDA's "device-side assert
+      triggered" ``RuntimeError``, the kernel printing the table's message (not the field or value, which would
+      need the sync), and like any device-side assert it leaves the CUDA context unusable: validate untrusted ids
+      on the CPU first (rerunning a failing batch on the CPU names them).
+    * ``"skip"`` (meta): there are no values; forward still builds the output's shape.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "async"
+    return "skip" if kind == "meta" else "raise"
+
+
+class IdError(ValueError):
+    """An id outside its table's domain: negative, or at or above a bounded field's cardinality."""
 
 
 class CompressedEmbedding(nn.Module):
@@ -82,13 +114,21 @@ class CompressedEmbedding(nn.Module):
     #: True when the method trains in several stages through ``fit_staged(model, data, cfg)`` and meets its
     #: budget with the table it exports (OptEmbed), not with the table ``from_budget`` returns.
     trains_in_stages: ClassVar[bool] = False
+    #: Constructor options that do not change what a saved state means: a checkpoint loads whatever they were
+    #: (see :mod:`embcompress.config_state`; every other option must match the checkpoint's). ``seed`` is one:
+    #: the hash seeds it derives are buffers, and loading replaces them.
+    checkpoint_ignores: ClassVar[tuple[str, ...]] = ("init_std", "sparse", "seed")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = recording_init(cls.__dict__["__init__"])
 
     def __init__(self, cardinalities: int | Sequence[int], embedding_dim: int) -> None:
         super().__init__()
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        embedding_dim = check_positive_int("embedding_dim", embedding_dim, owner=self)
         self.single = isinstance(cardinalities, numbers.Integral)
-        self.cardinalities = as_cardinalities(cardinalities)
+        self.cardinalities = as_cardinalities(cardinalities, owner=self)
         self.embedding_dim = embedding_dim
         self.field_names: tuple[str, ...] = tuple(f"field{i}" for i in range(self.num_fields))
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,15 +154,21 @@ class CompressedEmbedding(nn.Module):
         # Field positions and id limits, cached per device rather than registered as buffers: they are
         # configuration, not stored state, and must not change the memory report.
         if device not in self._device_cache:
+            # On meta, limits are never read (no values to check), and id_limits may read buffers that hold none.
+            limits = [-1] * self.num_fields if device.type == "meta" else list(self.id_limits())
             self._device_cache[device] = (
                 torch.arange(self.num_fields, device=device),
-                torch.tensor(list(self.id_limits()), dtype=torch.int64, device=device),
+                torch.tensor(limits, dtype=torch.int64, device=device),
             )
         return self._device_cache[device]
 
     # ------------------------------------------------------------------------------------------- validation
-    def _fail(self, msg: str) -> ValueError:
-        return ValueError(f"{getattr(self, 'registry_name', type(self).__name__)}: {msg}")
+    def _fail(self, msg: str, error: type[ValueError] = ValueError) -> ValueError:
+        return error(f"{getattr(self, 'registry_name', type(self).__name__)}: {msg}")
+
+    def _device_check_message(self, what: str) -> str:
+        # Short: CUDA copies the message into the kernel and refuses one of 255 characters or more.
+        return f"{owner_name(self)}: {what}; run the batch on the CPU for an error naming them"[:200]
 
     def _check_ids(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
@@ -130,21 +176,28 @@ class CompressedEmbedding(nn.Module):
         if ids.dtype not in (torch.int64, torch.int32):
             raise self._fail(f"ids must be int64 (or int32), got dtype {ids.dtype}")
         ids = ids.long()
-        if ids.numel() == 0:
+        mode = id_check_mode(ids.device)
+        if ids.numel() == 0 or mode == "skip":
             return ids
         _, limits = self._consts(ids.device)
         bad = ids < 0
         lim = limits[fields]
         bad |= (lim >= 0) & (ids >= lim)
+        if mode == "async":
+            # Checked on the device, with no host read (which would wait for the GPU every forward).
+            torch._assert_async(~bad.any(), self._device_check_message(
+                "ids outside their field's domain (negative, or at or above its cardinality)"))
+            return ids
         if bool(bad.any()):
             pos = tuple(int(i) for i in bad.nonzero()[0])
             value = int(ids[pos])
             f = int(torch.broadcast_to(fields, ids.shape)[pos])
             where = f"field {self.field_names[f]!r} (index {f})" if not self.single else "the table"
             if value < 0:
-                raise self._fail(f"{where} got id {value} at position {list(pos)}; ids must be non-negative")
+                raise self._fail(f"{where} got id {value} at position {list(pos)}; ids must be non-negative", IdError)
             raise self._fail(
-                f"{where} got id {value} at position {list(pos)}, outside its domain [0, {self.cardinalities[f]})"
+                f"{where} got id {value} at position {list(pos)}, outside its domain [0, {self.cardinalities[f]})",
+                IdError,
             )
         return ids
 
@@ -194,16 +247,27 @@ class CompressedEmbedding(nn.Module):
         if lengths.dim() != 2 or lengths.shape[0] != self.num_fields:
             raise self._fail(f"lengths must have shape [{self.num_fields}, B], got {list(lengths.shape)}")
         lengths = lengths.long()
-        if bool((lengths < 0).any()):
-            raise self._fail("lengths must be non-negative")
-        total = int(lengths.sum())
-        if values.dim() != 1 or values.numel() != total:
-            raise self._fail(f"values must be 1-D with sum(lengths) = {total} entries, got {list(values.shape)}")
+        check = id_check_mode(values.device)
+        if check == "raise":
+            if bool((lengths < 0).any()):
+                raise self._fail("lengths must be non-negative")
+            total = int(lengths.sum())
+            if values.dim() != 1 or values.numel() != total:
+                raise self._fail(f"values must be 1-D with sum(lengths) = {total} entries, got {list(values.shape)}")
+        else:  # no host read of lengths (see id_check_mode): the bags must cover values exactly, checked on device
+            if values.dim() != 1:
+                raise self._fail(f"values must be 1-D, got shape {list(values.shape)}")
+            total = values.numel()
+            if check == "async":
+                torch._assert_async((lengths >= 0).all() & (lengths.sum() == total), self._device_check_message(
+                    f"bag lengths negative or not summing to the {total} values"))
         if weights is not None and weights.shape != values.shape:
             raise self._fail(f"weights must match values' shape {list(values.shape)}, got {list(weights.shape)}")
         num_fields, batch = lengths.shape
         positions, _ = self._consts(values.device)
-        bag = torch.repeat_interleave(torch.arange(num_fields * batch, device=values.device), lengths.reshape(-1))
+        # output_size: the sizes are known, so repeat_interleave need not read lengths back from the device.
+        bag = torch.repeat_interleave(torch.arange(num_fields * batch, device=values.device), lengths.reshape(-1),
+                                      output_size=total)
         fields = positions[bag // batch] if batch else bag
         vectors = self.embed(self._check_ids(values, fields), fields)
         if weights is not None:
@@ -251,13 +315,28 @@ class CompressedEmbedding(nn.Module):
 
         ``options`` are constructor arguments other than the ones the budget decides (:attr:`budget_keys`).
         Raises :class:`BudgetError` only when not even the smallest table fits, naming the smallest reachable
-        budget.
+        budget. A budget above :meth:`budget_ceiling` (the full table's bytes) buys the largest table within the
+        ceiling: a compressed table is never larger than the table it replaces.
         """
         from .registry import check_table_options
 
         check_table_options(cls, {**options, "budget_bytes": budget_bytes},
                             f"{getattr(cls, 'registry_name', cls.__name__)}.from_budget")
-        return solve_budget(cls, cardinalities, embedding_dim, budget_bytes, options)
+        ceiling = cls.budget_ceiling(cardinalities, embedding_dim)
+        if ceiling is None or check_budget(budget_bytes) <= ceiling:
+            return solve_budget(cls, cardinalities, embedding_dim, budget_bytes, options)
+        try:
+            return solve_budget(cls, cardinalities, embedding_dim, ceiling, options)
+        except BudgetError as err:
+            raise BudgetError(f"{err} (a budget of {budget_bytes:,} bytes is above the full table's {ceiling:,} "
+                              "bytes, and a compressed table may not be larger than the full one)") from None
+
+    @classmethod
+    def budget_ceiling(cls, cardinalities: int | Sequence[int], embedding_dim: int) -> int | None:
+        """The most bytes a budget can buy: the exact bytes of the full table (``None``: no ceiling)."""
+        from .registry import TABLES
+
+        return TABLES.get("full.v1").planned_bytes(cardinalities, embedding_dim)
 
     @classmethod
     def planned_bytes(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> int:
@@ -269,6 +348,32 @@ class CompressedEmbedding(nn.Module):
     def _check_budget(budget_bytes: int | float) -> int:
         return check_budget(budget_bytes)
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> dict:
+        """The options this table was built with (plain values), saved in its state_dict."""
+        return {"format": FORMAT, "table": self._owner_name(), "options": dict(self._saved_options)}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Refuse a checkpoint of a table built with other options (naming the first that differs)."""
+        check_saved_options(self._owner_name(), state, self._saved_options, self.checkpoint_ignores)
+
+    def _owner_name(self) -> str:
+        return getattr(self, "registry_name", type(self).__name__)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_extra_state"
+        if key in missing_keys:  # a checkpoint from before tables saved their options: still loads, unchecked
+            missing_keys.remove(key)
+            warnings.warn(f"{self._owner_name()}: the checkpoint has no saved table options (saved by an older "
+                          "embcompress); loaded without checking that they match", stacklevel=2)
+        self.loaded_state_()
+
+    def loaded_state_(self) -> None:
+        """Recompute what is derived from buffers after a load (tables with such Python-side flags override)."""
+
     def extra_repr(self) -> str:
         n = self.cardinalities[0] if self.single else list(self.cardinalities)
         return f"cardinalities={n}, embedding_dim={self.embedding_dim}"
@@ -279,16 +384,12 @@ def default_init_std(embedding_dim: int) -> float:
     return embedding_dim**-0.5
 
 
-def resolve_init_std(init_std: float | None, embedding_dim: int) -> float:
-    """``init_std`` checked (a positive finite number), or the library default for ``None``."""
+def resolve_init_std(init_std: float | None, embedding_dim: int, *, owner=None) -> float:
+    """``init_std`` checked (a positive finite number: the std of the returned vectors), or the library default
+    ``1/sqrt(D)`` for ``None``."""
     if init_std is None:
         return default_init_std(embedding_dim)
-    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not (
-        math.isfinite(init_std) and init_std > 0
-    ):
-        raise ValueError(f"init_std must be a positive finite number (the std of the returned vectors) or None "
-                         f"(the default 1/sqrt(D)), got {init_std!r}")
-    return float(init_std)
+    return check_number("init_std", init_std, positive=True, optional=True, owner=owner)
 
 
 def init_rows_(weight: torch.Tensor, std: float) -> torch.Tensor:

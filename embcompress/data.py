@@ -15,6 +15,8 @@ import torch
 
 __all__ = ["CTRData", "Batch", "iterate_batches"]
 
+_CHECK_ROWS = 1 << 20  # rows per chunk when scanning the arrays for bad values
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -54,6 +56,53 @@ class CTRData:
         for name, (lo, hi) in self.splits.items():
             if not 0 <= lo <= hi <= n:
                 raise ValueError(f"split {name!r} = [{lo}, {hi}) is outside [0, {n}]")
+        self._check_values()
+
+    def _where(self, row: int) -> str:
+        """``row`` of the arrays as the split and the row within it that a user can look up."""
+        for name, (lo, hi) in sorted(self.splits.items(), key=lambda kv: kv[1]):
+            if lo <= row < hi:
+                return f"split {name!r} row {row - lo} (data row {row})"
+        return f"data row {row}"
+
+    def _check_values(self) -> None:
+        # One NaN dense value poisons every weight it reaches and a label of 2 only fails later inside
+        # scikit-learn, so both are refused here. Chunked: the arrays may be memory maps of 45M rows.
+        for lo in range(0, self.labels.shape[0], _CHECK_ROWS):
+            labels = np.asarray(self.labels[lo:lo + _CHECK_ROWS])
+            bad = np.flatnonzero((labels != 0) & (labels != 1))
+            if bad.size:
+                row = lo + int(bad[0])
+                raise ValueError(f"{self.name}: {self._where(row)} has label {float(labels[bad[0]])!r}; labels must be 0 or 1")
+            dense = np.asarray(self.dense[lo:lo + _CHECK_ROWS])
+            bad_rows, bad_cols = np.nonzero(~np.isfinite(dense))
+            if bad_rows.size:
+                row, col = lo + int(bad_rows[0]), int(bad_cols[0])
+                raise ValueError(f"{self.name}: {self._where(row)} has dense value {float(dense[bad_rows[0], col])!r} "
+                                 f"in {self._dense_name(col)}; dense values must be finite")
+
+    def _dense_name(self, col: int) -> str:
+        names = self.meta.get("manifest", {}).get("schema", {}).get("dense") if isinstance(self.meta, dict) else None
+        if isinstance(names, (list, tuple)) and col < len(names):
+            return f"dense column {names[col]!r} (index {col})"
+        return f"dense column {col}"
+
+    def bad_id(self, split: str) -> str | None:
+        """The first id of ``split`` outside its field's ``[0, cardinality)``, described, or None.
+
+        Not checked at construction: hashing tables accept raw, unbounded ids whatever ``cardinalities`` says;
+        training calls it when a table refuses an id, to name the data row instead of a shuffled batch position.
+        """
+        lo, hi = self.splits[split]
+        card = np.asarray(self.cardinalities, dtype=np.int64)
+        for start in range(lo, hi, _CHECK_ROWS):
+            ids = np.asarray(self.sparse[start:min(hi, start + _CHECK_ROWS)])
+            rows, cols = np.nonzero((ids < 0) | (ids >= card))
+            if rows.size:
+                row, col = start + int(rows[0]), int(cols[0])
+                return (f"{self.name}: {self._where(row)} has id {int(ids[rows[0], col])} in field "
+                        f"{self.field_names[col]!r} (index {col}), outside [0, {int(card[col])})")
+        return None
 
     @property
     def num_dense(self) -> int:

@@ -34,7 +34,6 @@ https://pytorch.org/docs/stable/ .
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import socket
 import tempfile
@@ -43,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -167,20 +165,14 @@ def all_sum(value: float, device: str = "cpu") -> float:
 def evaluate_sharded(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu"
                      ) -> tuple[float, float]:
     """(AUC, logloss) over the whole of ``data``: each rank predicts its shard, all ranks get the same numbers."""
-    from sklearn.metrics import log_loss, roc_auc_score
-
-    from .training import predict
+    from .training import auc_logloss, predict
 
     rank, size = world()
     lo, hi = shard_bounds(len(data), rank, size)
     local = Batch(data.dense[lo:hi], data.sparse[lo:hi], data.labels[lo:hi])
     backend_device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
     p = torch.from_numpy(predict(model, local, batch_size=batch_size, device=device)).to(backend_device)
-    p = gather_rows(p).cpu().numpy().astype(np.float64)
-    y = gather_rows(local.labels.to(backend_device)).cpu().numpy()
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
-    return auc, float(log_loss(y, p, labels=[0.0, 1.0]))
+    return auc_logloss(gather_rows(local.labels.to(backend_device)).cpu().numpy(), gather_rows(p).cpu().numpy())
 
 
 @dataclass

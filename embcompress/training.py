@@ -23,7 +23,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from .contract import CompressedEmbedding
+from .contract import CompressedEmbedding, IdError
 from .data import Batch, CTRData, iterate_batches
 from .distributed import DistContext, all_sum, evaluate_sharded, is_distributed
 
@@ -173,10 +173,20 @@ def predict(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: s
 
 def evaluate(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu") -> tuple[float, float]:
     """(AUC, logloss) of ``model`` on ``data``."""
-    y = data.labels.numpy()
-    p = np.clip(predict(model, data, batch_size=batch_size, device=device).astype(np.float64), 1e-7, 1 - 1e-7)
-    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
-    return auc, float(log_loss(y, p, labels=[0.0, 1.0]))
+    return auc_logloss(data.labels.numpy(), predict(model, data, batch_size=batch_size, device=device))
+
+
+def auc_logloss(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """(AUC, logloss) of click probabilities; the AUC is NaN when the labels hold a single class."""
+    if not np.isfinite(probs).all():
+        # A diverged model (NaN weights) would otherwise surface as scikit-learn's "Input contains NaN".
+        raise FloatingPointError(
+            f"the model predicted {int((~np.isfinite(probs)).sum())} non-finite probabilities of {len(probs)}: "
+            "training diverged (try a lower learning rate)"
+        )
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    auc = float(roc_auc_score(labels, p)) if 0 < labels.sum() < len(labels) else math.nan
+    return auc, float(log_loss(labels, p, labels=[0.0, 1.0]))
 
 
 def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> TrainResult:
@@ -185,6 +195,12 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
     output_l2 = _OutputL2(model) if cfg.embedding_l2 > 0 else None
     try:
         return _train(model, data, cfg, output_l2)
+    except IdError as err:
+        # The table names a position in a shuffled batch; the data row and field name are what a user can fix.
+        where = next((w for w in map(data.bad_id, ("train", "val", "test")) if w), None)
+        if where is None:
+            raise
+        raise IdError(f"{where} ({err})") from err
     finally:
         if output_l2 is not None:
             output_l2.close()
@@ -200,6 +216,9 @@ def _train(model: nn.Module, data: CTRData, cfg: TrainConfig, output_l2: "_Outpu
     has_regularizer = _regularization(model) is not None
     gen = torch.Generator().manual_seed(cfg.seed)
     train_split, val_split = data.split("train"), data.split("val")
+    for name, split in (("train", train_split), ("val", val_split)):
+        if len(split) == 0:
+            raise ValueError(f"{data.name}: the {name} split is empty; training needs rows in train and val")
     best_auc, best_epoch, best_state, bad_epochs = -math.inf, 0, None, 0
     history: list[dict] = []
     seconds = 0.0

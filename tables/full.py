@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetKnob, CompressedEmbedding, init_rows_, resolve_init_std
+from embcompress.contract import BudgetKnob, CompressedEmbedding, check_bool, init_rows_, resolve_init_std
 from embcompress.registry import TABLES
 
 
@@ -39,8 +39,8 @@ class FullEmbedding(CompressedEmbedding):
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        self.sparse = bool(sparse)
-        self.init_std = resolve_init_std(init_std, embedding_dim)
+        self.sparse = check_bool("sparse", sparse, owner=self)
+        self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.weight = nn.Parameter(init_rows_(torch.empty(sum(self.cardinalities), embedding_dim), self.init_std))
         offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
@@ -52,6 +52,10 @@ class FullEmbedding(CompressedEmbedding):
     def budget_knob(cls, cardinalities, embedding_dim, **options) -> BudgetKnob:
         # One size: it is built when the budget holds every row, and cannot compress.
         return BudgetKnob("every row stored: it cannot compress", 1, 1, lambda _: {})
+
+    @classmethod
+    def budget_ceiling(cls, cardinalities, embedding_dim) -> None:
+        return None  # it is the ceiling of the others
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.weight] if self.sparse else []

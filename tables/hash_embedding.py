@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetKnob, CompressedEmbedding, check_positive_int, check_seed, resolve_init_std
+from embcompress.contract import (
+    BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, resolve_init_std,
+)
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
 
@@ -82,19 +84,16 @@ class HashEmbedding(CompressedEmbedding):
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        self.init_std = resolve_init_std(init_std, embedding_dim)
-        self.num_buckets = check_positive_int("num_buckets", num_buckets)
-        self.num_hashes = k = check_positive_int("num_hashes", num_hashes)
-        for name, flag in (("weights", weights), ("append_weights", append_weights), ("sparse", sparse)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
+        self.num_buckets = check_positive_int("num_buckets", num_buckets, owner=self)
+        self.num_hashes = k = check_positive_int("num_hashes", num_hashes, owner=self)
+        self.weights = weights = check_bool("weights", weights, owner=self)
+        self.append_weights = append_weights = check_bool("append_weights", append_weights, owner=self)
+        self.sparse = check_bool("sparse", sparse, owner=self)
         if append_weights and not weights:
-            raise ValueError("append_weights=True needs weights=True: there are no importance weights to append")
-        check_seed(seed)
-        self.weights = weights
-        self.append_weights = append_weights
-        self.sparse = sparse
-        D = embedding_dim
+            raise self._fail("append_weights=True needs weights=True: there are no importance weights to append")
+        seed = check_seed(seed, owner=self)
+        D = self.embedding_dim
         # Init: importance weights start at 1 and pool rows N(0, s**2 / k), so for distinct rows
         # Var(sum_i p_i E_i) = k * 1 * s**2 / k = s**2 with s = init_std; weights=False gives the same output.
         # The projection starts as [I_D | 0], i.e. the weighted sum unchanged; the zero

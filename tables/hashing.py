@@ -25,7 +25,6 @@ so ids beyond any vocabulary are accepted and colliding ids share a row. Layouts
 from __future__ import annotations
 
 import itertools
-import numbers
 from typing import Sequence
 
 import torch
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import (
-    BudgetKnob, CompressedEmbedding, as_cardinalities, check_seed, init_rows_, resolve_init_std,
+    BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_int, check_per_field, check_positive_int,
+    check_seed, init_rows_, resolve_init_std,
 )
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
@@ -81,15 +81,14 @@ class HashingEmbedding(CompressedEmbedding):
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        check_seed(seed)
-        self.init_std = resolve_init_std(init_std, embedding_dim)
-        if isinstance(frequent, bool) or not isinstance(frequent, numbers.Integral) or frequent < 0:
-            raise ValueError(f"frequent must be a non-negative int (dedicated rows per field), got {frequent!r}")
-        if frequent and shared:
-            raise ValueError("frequent > 0 needs per-field tables; it cannot be combined with shared=True")
-        self.shared = bool(shared)
-        self.sparse = bool(sparse)
-        self.frequent = int(frequent)
+        seed = check_seed(seed, owner=self)
+        self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
+        self.shared = check_bool("shared", shared, owner=self)
+        self.sparse = check_bool("sparse", sparse, owner=self)
+        hash_small_fields = check_bool("hash_small_fields", hash_small_fields, owner=self)
+        self.frequent = check_int("frequent", frequent, lo=0, owner=self)  # dedicated rows per field
+        if self.frequent and self.shared:
+            raise self._fail("frequent > 0 needs per-field tables; it cannot be combined with shared=True")
         dedicated = [min(self.frequent, n) for n in self.cardinalities]
         rest = [n - k for n, k in zip(self.cardinalities, dedicated)]
         rows = self._rows_per_field(num_buckets, rest)
@@ -103,7 +102,6 @@ class HashingEmbedding(CompressedEmbedding):
             sizes = [k + m for k, m in zip(dedicated, rows)]
             offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
             total = sum(sizes)
-        self.accepts_raw_ids = not any(direct)
         num_hashes = 2 if self.frequent else 1
         self.weight = nn.Parameter(init_rows_(torch.empty(total, embedding_dim), self.init_std))
         if self.frequent:
@@ -120,22 +118,18 @@ class HashingEmbedding(CompressedEmbedding):
         if self.frequent:
             self.register_buffer("dedicated", torch.tensor(dedicated, dtype=torch.int64))
         self._any_direct = any(direct)
+        self.accepts_raw_ids = not self._any_direct
+
+    def loaded_state_(self) -> None:
+        if self.direct.device.type != "meta":  # the flags follow the loaded `direct`, not the constructor's
+            self._any_direct = bool(self.direct.any())
+            self.accepts_raw_ids = not self._any_direct
 
     def _rows_per_field(self, num_buckets: int | Sequence[int], rest: Sequence[int]) -> list[int]:
-        if isinstance(num_buckets, numbers.Integral) and not isinstance(num_buckets, bool):
-            values = [int(num_buckets)] * self.num_fields
-        elif self.shared:
-            raise ValueError(f"with shared=True, num_buckets must be one int (the shared rows), got {num_buckets!r}")
-        else:
-            values = list(num_buckets)
-            if len(values) != self.num_fields:
-                raise ValueError(f"num_buckets has {len(values)} entries for {self.num_fields} fields")
-        for f, m in enumerate(values):
-            if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-                raise ValueError(f"num_buckets of field {f} must be a positive int, got {m!r}")
-        if self.shared:
-            return values
-        return [min(int(m), r) for m, r in zip(values, rest)]
+        if self.shared:  # one int, the shared table's rows (every field's modulus)
+            return [check_positive_int("num_buckets", num_buckets, owner=self)] * self.num_fields
+        values = check_per_field("num_buckets", num_buckets, self.num_fields, owner=self)
+        return [min(m, r) for m, r in zip(values, rest)]
 
     def id_limits(self) -> Sequence[int]:
         return [n if d else -1 for n, d in zip(self.cardinalities, self.direct.tolist())]

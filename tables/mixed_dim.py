@@ -58,7 +58,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-import numbers
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -67,7 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetKnob, CompressedEmbedding, as_cardinalities, init_rows_, resolve_init_std
+from embcompress.contract import (
+    BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_number, check_positive_int, init_rows_,
+    resolve_init_std,
+)
 from embcompress.registry import TABLES
 
 __all__ = ["MixedDimEmbedding", "MixedDimPlan", "plan_mixed_dims", "block_bounds", "zipf_block_popularity"]
@@ -215,24 +217,17 @@ def plan_mixed_dims(
     return MixedDimPlan(tuple(blocks), tuple(parts), D, len(cardinalities))
 
 
-def _check_options(scale, alpha, blocks_per_field, round_dims, sparse) -> None:
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0
-    ):
-        raise ValueError(f"scale must be a finite number >= 0 (the power-law lambda), got {scale!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1] (the temperature; 0 = uniform), got {alpha!r}")
-    k = blocks_per_field
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"blocks_per_field must be a positive int, got {blocks_per_field!r}")
-    for name, value in (("round_dims", round_dims), ("sparse", sparse)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+def _check_options(scale, alpha, blocks_per_field, round_dims, sparse, *, owner=_NAME) -> None:
+    # scale None: not given (the budget solves it)
+    check_number("scale", scale, lo=0, optional=True, owner=owner)  # the power-law lambda
+    check_number("alpha", alpha, lo=0, hi=1, owner=owner)  # the temperature; 0 = uniform widths
+    check_positive_int("blocks_per_field", blocks_per_field, owner=owner)
+    check_bool("round_dims", round_dims, owner=owner)
+    check_bool("sparse", sparse, owner=owner)
 
 
 def _check_dim(embedding_dim) -> None:
-    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+    check_positive_int("embedding_dim", embedding_dim, owner=_NAME)
 
 
 class _Permute(torch.autograd.Function):
@@ -297,13 +292,12 @@ class MixedDimEmbedding(CompressedEmbedding):
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        _check_options(scale, alpha, blocks_per_field, round_dims, sparse)
-        self.init_std = resolve_init_std(init_std, embedding_dim)
-        if scale is None:
-            raise ValueError("scale must be a finite number >= 0 (the power-law lambda), got None")
+        check_number("scale", scale, lo=0, owner=self)  # required here (from_budget solves it)
+        _check_options(scale, alpha, blocks_per_field, round_dims, sparse, owner=self)
+        self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.scale, self.alpha = float(scale), float(alpha)
-        self.blocks_per_field, self.round_dims, self.sparse = int(blocks_per_field), round_dims, sparse
-        D = embedding_dim
+        self.blocks_per_field, self.round_dims, self.sparse = int(blocks_per_field), bool(round_dims), bool(sparse)
+        D = self.embedding_dim
         self.plan = plan = plan_mixed_dims(
             self.cardinalities, D, scale=self.scale, alpha=self.alpha,
             blocks_per_field=self.blocks_per_field, round_dims=round_dims,

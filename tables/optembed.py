@@ -40,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetError, CompressedEmbedding, as_cardinalities, check_positive_int
+from embcompress.contract import (
+    BudgetError, CompressedEmbedding, as_cardinalities, check_bool, check_choice, check_int, check_number,
+    check_positive_int,
+)
 from embcompress.registry import TABLES
 
 __all__ = ["OptEmbed", "OptEmbedExport", "RowMaskSTE", "ste_scale", "THRESHOLD_MODES", "OOV_MODES", "STAGES"]
@@ -69,19 +72,6 @@ class RowMaskSTE(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (u,) = ctx.saved_tensors
         return grad * ste_scale(u)
-
-
-def _check_float(name: str, value, *, positive: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 def _field_bounds(cardinalities: Sequence[int]) -> list[tuple[int, int]]:
@@ -144,6 +134,11 @@ class OptEmbed(CompressedEmbedding):
 
     trains_in_stages: ClassVar[bool] = True
     stochastic_training: ClassVar[bool] = True
+    # The pipeline settings shape training, not what the saved rows, thresholds and masks mean.
+    checkpoint_ignores: ClassVar[tuple[str, ...]] = (
+        "init_std", "sparse", "threshold_lr", "alpha", "budget_bytes", "population", "keep", "mutations",
+        "crossovers", "generations", "mutate_prob", "search_rows", "rewind", "retrain_epochs",
+    )
 
     def __init__(
         self,
@@ -168,29 +163,26 @@ class OptEmbed(CompressedEmbedding):
         retrain_epochs: int | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        self.threshold_mode = _check_choice("threshold", threshold, THRESHOLD_MODES)
-        self.oov_mode = _check_choice("oov", oov, OOV_MODES)
-        self.threshold_lr = _check_float("threshold_lr", threshold_lr)
-        self.alpha = _check_float("alpha", alpha, positive=False)
-        self.init_std = _check_float("init_std", init_std)
-        self.sparse = bool(sparse)
+        self.threshold_mode = check_choice("threshold", threshold, THRESHOLD_MODES, owner=self)
+        self.oov_mode = check_choice("oov", oov, OOV_MODES, owner=self)
+        self.threshold_lr = check_number("threshold_lr", threshold_lr, positive=True, owner=self)
+        self.alpha = check_number("alpha", alpha, lo=0, owner=self)
+        self.init_std = check_number("init_std", init_std, positive=True, owner=self)
+        self.sparse = check_bool("sparse", sparse, owner=self)
+        # The export's budget: typed here like every option, then whole bytes as the solver's budgets are.
+        check_number("budget_bytes", budget_bytes, positive=True, optional=True, owner=self)
         self.budget_bytes = None if budget_bytes is None else self._check_budget(budget_bytes)
         self.search = {
-            "population": check_positive_int("population", population),
-            "keep": check_positive_int("keep", keep),
-            "mutations": int(mutations),
-            "crossovers": int(crossovers),
-            "generations": int(generations),
-            "mutate_prob": float(mutate_prob),
-            "search_rows": None if search_rows is None else check_positive_int("search_rows", search_rows),
+            "population": check_positive_int("population", population, owner=self),
+            "keep": check_positive_int("keep", keep, owner=self),
+            "mutations": check_int("mutations", mutations, lo=0, owner=self),
+            "crossovers": check_int("crossovers", crossovers, lo=0, owner=self),
+            "generations": check_int("generations", generations, lo=0, owner=self),
+            "mutate_prob": check_number("mutate_prob", mutate_prob, lo=0, hi=1, owner=self),
+            "search_rows": check_positive_int("search_rows", search_rows, optional=True, owner=self),
         }
-        for name in ("mutations", "crossovers", "generations"):
-            if self.search[name] < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {self.search[name]!r}")
-        if not 0 <= self.search["mutate_prob"] <= 1:
-            raise ValueError(f"mutate_prob must be in [0, 1], got {mutate_prob!r}")
-        self.rewind = bool(rewind)
-        self.retrain_epochs = None if retrain_epochs is None else check_positive_int("retrain_epochs", retrain_epochs)
+        self.rewind = check_bool("rewind", rewind, owner=self)
+        self.retrain_epochs = check_positive_int("retrain_epochs", retrain_epochs, optional=True, owner=self)
 
         rows = sum(self.cardinalities)
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim).normal_(0.0, self.init_std))
@@ -202,11 +194,17 @@ class OptEmbed(CompressedEmbedding):
         self.register_buffer("stage_code", torch.zeros((), dtype=torch.int64))
         self.register_buffer("row_mask", torch.ones(rows, dtype=torch.bool))
         self.register_buffer("dims", torch.full((self.num_fields,), embedding_dim, dtype=torch.int64))
+        self._stage = STAGES[0]
 
     # ------------------------------------------------------------------------------------------------ stages
     @property
     def stage(self) -> str:
-        return STAGES[int(self.stage_code)]
+        # A Python copy of stage_code: reading the buffer every forward would wait for the GPU (and fail on meta).
+        return self._stage
+
+    def loaded_state_(self) -> None:
+        if self.stage_code.device.type != "meta":  # the stage follows the loaded stage_code, read once per load
+            self._stage = STAGES[int(self.stage_code)]
 
     def set_dims(self, dims: Sequence[int] | torch.Tensor) -> "OptEmbed":
         """Fix the width of each field for evaluation (and for retraining once frozen)."""
@@ -239,6 +237,7 @@ class OptEmbed(CompressedEmbedding):
         self.set_dims(dims)
         self.row_mask.copy_(mask)
         self.stage_code.fill_(1)
+        self._stage = STAGES[1]
         self.threshold.requires_grad_(False)
         return self
 
@@ -283,8 +282,9 @@ class OptEmbed(CompressedEmbedding):
         """The supernet stores every row; the budget is met by the export, through the dimension search.
 
         Raises :class:`BudgetError` when even an export that keeps no row (the id map alone) is over budget.
+        The export's budget is at most the full table's bytes (:meth:`budget_ceiling`).
         """
-        budget = cls._check_budget(budget_bytes)
+        budget = min(cls._check_budget(budget_bytes), cls.budget_ceiling(cardinalities, embedding_dim))
         cards = list(as_cardinalities(cardinalities))
         floor = OptEmbedExport.storage_bytes(cards, embedding_dim, [0] * len(cards), [1] * len(cards),
                                              learned_oov=options.get("oov") == "learned")

@@ -41,7 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.contract import BudgetKnob, CompressedEmbedding, as_cardinalities, init_rows_, resolve_init_std
+from embcompress.contract import (
+    BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_choice, check_int, check_per_field,
+    init_rows_, resolve_init_std,
+)
+from embcompress.validate import owner_name
 from embcompress.registry import TABLES
 
 __all__ = ["QREmbedding", "partition_plan", "partition_indices", "sub_dims"]
@@ -111,20 +115,16 @@ def sub_dims(embedding_dim: int, partitions: int, operation: str) -> tuple[int, 
     return (d + 1,) * r + (d,) * (partitions - r)
 
 
-def _check_options(embedding_dim, scheme, partitions, operation, threshold) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if isinstance(partitions, bool) or not isinstance(partitions, numbers.Integral) or not 2 <= partitions <= 16:
-        raise ValueError(f"partitions must be an int in [2, 16], got {partitions!r}")
-    if operation not in OPERATIONS:
-        raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
-    if operation == "concat" and isinstance(embedding_dim, int) and embedding_dim < partitions:
+def _check_options(embedding_dim, scheme, partitions, operation, threshold, *, owner="qr.v1") -> None:
+    check_choice("scheme", scheme, SCHEMES, owner=owner)
+    check_int("partitions", partitions, lo=2, hi=16, owner=owner)
+    check_choice("operation", operation, OPERATIONS, owner=owner)
+    if operation == "concat" and isinstance(embedding_dim, numbers.Integral) and embedding_dim < partitions:
         raise ValueError(
-            f"operation='concat' splits embedding_dim={embedding_dim} over partitions={partitions}; "
-            f"it needs embedding_dim >= partitions"
+            f"{owner_name(owner)}: operation='concat' splits embedding_dim={embedding_dim} over "
+            f"partitions={partitions}; it needs embedding_dim >= partitions"
         )
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Integral) or threshold < 0:
-        raise ValueError(f"threshold must be a non-negative int, got {threshold!r}")
+    check_int("threshold", threshold, lo=0, owner=owner)
 
 
 @TABLES.register("qr.v1")
@@ -174,12 +174,12 @@ class QREmbedding(CompressedEmbedding):
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        _check_options(embedding_dim, scheme, partitions, operation, threshold)
-        self.init_std = s = resolve_init_std(init_std, embedding_dim)
-        c_per_field = self._collisions_per_field(collisions)
+        _check_options(embedding_dim, scheme, partitions, operation, threshold, owner=self)
+        self.init_std = s = resolve_init_std(init_std, embedding_dim, owner=self)
+        c_per_field = check_per_field("collisions", collisions, self.num_fields, owner=self)
         k = int(partitions)
         self.scheme, self.partitions, self.operation = scheme, k, operation
-        self.threshold, self.sparse = int(threshold), bool(sparse)
+        self.threshold, self.sparse = int(threshold), check_bool("sparse", sparse, owner=self)
         dims = sub_dims(embedding_dim, k, operation)
         wide = embedding_dim % k if operation == "concat" else 0  # partitions 0..wide-1 live in weight_wide
         self.num_wide = wide
@@ -228,20 +228,6 @@ class QREmbedding(CompressedEmbedding):
         self._divide = any(d != 1 for p in plans for d in p[0])  # crt and all-full tables skip the division
         self._mask_full = operation != "concat" and any(full) and not all(full)
         self._all_full = all(full)
-
-    def _collisions_per_field(self, collisions) -> list[int]:
-        if isinstance(collisions, numbers.Integral) and not isinstance(collisions, bool):
-            values = [collisions] * self.num_fields
-        elif isinstance(collisions, Sequence) and not isinstance(collisions, str):
-            values = list(collisions)
-            if len(values) != self.num_fields:
-                raise ValueError(f"collisions has {len(values)} entries for {self.num_fields} fields")
-        else:
-            raise ValueError(f"collisions must be a positive int or one per field, got {collisions!r}")
-        for f, c in enumerate(values):
-            if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
-                raise ValueError(f"collisions of field {f} must be a positive int, got {c!r}")
-        return [int(c) for c in values]
 
     # ---------------------------------------------------------------------------------------------- forward
     def partition_rows(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import (
-    BudgetKnob, CompressedEmbedding, check_positive_int, check_seed, init_rows_, resolve_init_std,
+    BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, init_rows_, resolve_init_std,
 )
 from embcompress.hashing import bucket, field_seeds
 from embcompress.registry import TABLES
@@ -71,23 +71,23 @@ class UnifiedEmbedding(CompressedEmbedding):
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
-        self.init_std = resolve_init_std(init_std, embedding_dim)
-        self.num_buckets = check_positive_int("num_buckets", num_buckets)
-        self.chunks = check_positive_int("chunks", chunks)
-        self.num_tables = check_positive_int("num_tables", num_tables)
+        self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
+        self.num_buckets = check_positive_int("num_buckets", num_buckets, owner=self)
+        self.chunks = check_positive_int("chunks", chunks, owner=self)
+        self.num_tables = check_positive_int("num_tables", num_tables, owner=self)
         if embedding_dim % self.chunks:
-            raise ValueError(
+            raise self._fail(
                 f"embedding_dim D={embedding_dim} is not divisible by chunks={self.chunks}: each of the chunks "
                 f"lookups reads D / chunks columns (choose chunks among the divisors of {embedding_dim})"
             )
         if self.num_tables > self.num_fields:
-            raise ValueError(
+            raise self._fail(
                 f"num_tables={self.num_tables} exceeds the {self.num_fields} field(s): fields are dealt round "
                 f"robin, so tables beyond the number of fields would never be read"
             )
-        check_seed(seed)
-        self.sparse = bool(sparse)
-        self.chunk_dim = embedding_dim // self.chunks
+        seed = check_seed(seed, owner=self)
+        self.sparse = check_bool("sparse", sparse, owner=self)
+        self.chunk_dim = self.embedding_dim // self.chunks
         # Chunks are entries of the output, so each starts at init_std itself.
         self.weight = nn.Parameter(init_rows_(torch.empty(self.num_tables * self.num_buckets, self.chunk_dim),
                                               self.init_std))

@@ -1,12 +1,13 @@
 """The table contract, for every registered table (the registry drives the matrix)."""
 
+import contextlib
 import inspect
 import io
 
 import pytest
 import torch
 
-from embcompress import TABLES, BudgetError, list_tables
+from embcompress import TABLES, BudgetError, contract, list_tables
 from embcompress.hashing import bucket
 from embcompress.memory import baseline_bytes
 from embcompress.tables import (
@@ -340,3 +341,94 @@ def test_from_budget_builds_the_largest_table_within_the_budget(table_name, rati
     in_range = knob.hi is None or (knob.lo <= larger <= knob.hi)
     if in_range and value != (knob.hi if knob.grows else knob.lo):
         assert cls.planned_bytes(cards, dim, **knob.kwargs(larger)) > budget  # one step larger does not fit
+
+
+# -------------------------------------------------------------------- id checks per device (issue 14, 16 and 17)
+# Tables whose forward reads tensor values on the host for a reason other than the id check: their forward
+# cannot run on the meta device, and syncs once per forward on CUDA.
+FORWARD_HOST_READS = {"mixed_dim.v1": "splits the ids by width with host-side counts (bounds.diff().tolist())"}
+
+
+def test_id_check_mode_per_device():
+    assert contract.id_check_mode(torch.device("cpu")) == "raise"
+    assert contract.id_check_mode(torch.device("cuda", 1)) == "async"
+    assert contract.id_check_mode("cuda") == "async"
+    assert contract.id_check_mode(torch.device("meta")) == "skip"
+    assert contract.id_check_mode("mps") == "raise"  # exact errors wherever the async assert is not relied on
+
+
+@contextlib.contextmanager
+def device_side_checks(monkeypatch):
+    """Check ids as on CUDA (``id_check_mode`` -> ``"async"``) while any host read of a tensor's values fails.
+
+    Yields the messages of the ``torch._assert_async`` calls. The real assert still runs: on the CPU it checks at
+    once (RuntimeError), on CUDA it would check on the device without waiting for it.
+    """
+    calls = []
+    real = torch._assert_async
+
+    def spy(cond, msg):
+        calls.append(msg)
+        return real(cond, msg)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host: a device sync on CUDA")
+
+    with monkeypatch.context() as m:
+        m.setattr(contract, "id_check_mode", lambda device: "async")
+        m.setattr(torch, "_assert_async", spy)
+        for name in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
+            m.setattr(torch.Tensor, name, host_read)
+        yield calls
+
+
+def test_async_id_check_does_not_read_values_on_the_host(table_name, monkeypatch):
+    if table_name in FORWARD_HOST_READS:
+        pytest.skip(f"{table_name} {FORWARD_HOST_READS[table_name]}")
+    table = make_table(table_name).set_field_names(["user", "device", "city", "ad"])
+    ids = valid_ids(table, batch=8)
+    expected = table(ids)
+    bad = ids.clone()
+    bad[3, 2] = -5
+    lengths = torch.tensor([[1, 2], [0, 1], [2, 0], [1, 1]])
+    values = torch.cat([torch.zeros(int(lengths[f].sum()), dtype=torch.long) for f in range(len(CARDS))])
+    pooled = table.forward_bags(values, lengths)
+    with device_side_checks(monkeypatch) as calls:
+        out = table(ids)
+        assert len(calls) == 1 and calls[0].startswith(f"{table_name}: ")
+        with pytest.raises(RuntimeError, match=f"{table_name}: ids outside their field's domain"):
+            table(bad)
+        bags = table.forward_bags(values, lengths)
+        with pytest.raises(RuntimeError, match=f"{table_name}: bag lengths negative or not summing to the 7 values"):
+            table.forward_bags(values[:-1], lengths)
+    # CUDA copies the message into the kernel and refuses 255 characters or more (a failure on every forward).
+    assert calls and all(len(msg) < 200 for msg in calls)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(bags, pooled)
+
+
+def test_cpu_id_check_still_names_field_value_and_position():
+    table = FullEmbedding([10, 3], 4).set_field_names(["user", "ad"])
+    with pytest.raises(ValueError, match=r"field 'ad' \(index 1\) got id 3 at position \[1, 1\], outside its domain"):
+        table(torch.tensor([[0, 0], [1, 3]]))
+    with pytest.raises(ValueError, match=r"lengths must be non-negative"):
+        table.forward_bags(torch.tensor([1]), torch.tensor([[2, -1], [0, 0]]))
+    with pytest.raises(ValueError, match=r"values must be 1-D with sum\(lengths\) = 2 entries"):
+        table.forward_bags(torch.tensor([1]), torch.tensor([[1, 1], [0, 0]]))
+
+
+def test_ids_on_the_meta_device_are_checked_for_shape_and_dtype_only(table_name):
+    table = make_table(table_name).to("meta")
+    ids = torch.zeros(5, len(CARDS), dtype=torch.long, device="meta")
+    checked, fields = table.checked_ids(ids)
+    assert checked.device.type == "meta" and checked.shape == ids.shape
+    with pytest.raises(ValueError, match="int64"):
+        table(ids.float())
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4\]"):
+        table(torch.zeros(3, len(CARDS) + 1, dtype=torch.long, device="meta"))
+    if table_name not in FORWARD_HOST_READS:
+        out = table(ids)
+        assert out.shape == (5, len(CARDS), DIM) and out.device.type == "meta"
+        lengths = torch.ones(len(CARDS), 2, dtype=torch.long, device="meta")
+        bags = table.forward_bags(torch.zeros(2 * len(CARDS), dtype=torch.long, device="meta"), lengths)
+        assert bags.shape == (2, len(CARDS), DIM)

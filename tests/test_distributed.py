@@ -54,7 +54,7 @@ def _fit_all(optimizer: str = "adam") -> dict:
         model = build_model({"type": "dlrm.v1", "bottom_mlp": [16], "top_mlp": [16]}, _table(name, data, **options),
                             data.num_dense)
         result = train(model, data, TrainConfig(**CFG, optimizer=optimizer))
-        out[label] = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        out[label] = {"state": {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)},
                       "val_auc": result.val_auc, "test_auc": result.test_auc,
                       "train_logloss": result.history[0]["train_logloss"]}
     # metrics: the gathered AUC, and the AUC this rank computes alone on the whole validation split

@@ -9,6 +9,7 @@ import torch
 from embcompress import BudgetError
 from embcompress.memory import baseline_bytes
 from embcompress.tables import mixed_dim
+from embcompress.tables.full import FullEmbedding
 from embcompress.tables.mixed_dim import MixedDimEmbedding, block_bounds, plan_mixed_dims, zipf_block_popularity
 
 BUDGET_CARDS = [100_000, 20_000, 3_000, 500, 40, 3]
@@ -278,8 +279,10 @@ def test_smallest_and_largest_budgets():
     assert tightest.memory_report().total_bytes == smallest
     with pytest.raises(BudgetError, match="minimum budget"):
         MixedDimEmbedding.from_budget(BUDGET_CARDS, 16, budget_bytes=smallest - 1)
+    # A budget above the full table buys at most the full table's bytes: the widest rows that fit in them.
+    full = FullEmbedding.planned_bytes(BUDGET_CARDS, 16)
     huge = MixedDimEmbedding.from_budget(BUDGET_CARDS, 16, budget_bytes=10 * baseline_bytes(BUDGET_CARDS, 16))
-    assert huge.dims == (16,) and huge.projection is None  # everything full width: nothing to project
+    assert huge.memory_report().total_bytes <= full and huge.dims[-1] == 16
 
 
 # ------------------------------------------------------------------------------------------- bad options

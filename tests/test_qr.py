@@ -10,6 +10,7 @@ import torch
 from embcompress import BudgetError, build_table
 from embcompress.memory import baseline_bytes
 from embcompress.tables import qr as qr_module
+from embcompress.tables.full import FullEmbedding
 from embcompress.tables.qr import QREmbedding, partition_indices, partition_plan, sub_dims
 
 BUDGET_CARDS = [100_000, 20_000, 3_000, 500, 40, 3]
@@ -285,9 +286,10 @@ def test_partition_plan_rejects_bad_arguments(args, pattern):
 def test_all_full_tables_say_they_cannot_compress():
     with pytest.raises(BudgetError, match="qr.v1.*minimum budget"):
         QREmbedding.from_budget([40, 3], 8, budget_bytes=baseline_bytes([40, 3], 8) / 4)
-    assert QREmbedding.from_budget([40, 3], 8, budget_bytes=baseline_bytes([40, 3], 8) * 2).full.all()
-    t = QREmbedding.from_budget([40, 3], 8, budget_bytes=baseline_bytes([40, 3], 8) * 1.1)
-    assert t.full.all() and t.memory_report().total_bytes <= baseline_bytes([40, 3], 8) * 1.1
+    # All-full QR stores every row plus its plans: more than the full table, which no budget buys.
+    assert QREmbedding.planned_bytes([40, 3], 8) > FullEmbedding.planned_bytes([40, 3], 8)
+    with pytest.raises(BudgetError, match="above the full table's 1,392 bytes"):
+        QREmbedding.from_budget([40, 3], 8, budget_bytes=baseline_bytes([40, 3], 8) * 2)
 
 
 def test_bad_options_raise_in_from_budget_too():
