@@ -4,6 +4,12 @@ Each method is built with ``from_budget`` at ``baseline_bytes / ratio`` (or as g
 with the same model and settings, and reported with its exact bytes, ratio, test AUC and logloss, AUC change
 against the full table, and training samples/s. Every finished run is appended as one JSON line (flushed and
 fsynced) to ``results.jsonl``; the markdown table and the AUC-vs-bytes plot are made from those lines.
+
+Integrity: a suite is checked whole at load, every table and model built once on the meta device
+(:mod:`embcompress.suite_check`). A run's key hashes everything that decides its result, the data included: the
+synthetic config, or a prepared folder's manifest checksum (not its path), so a rebuilt folder is run again.
+Each run is claimed before it trains (:mod:`embcompress.claims`), so processes sharing a results folder never
+train one run twice. Results are strict JSON; an undefined AUC (a split with one class) is a failed run.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from . import __version__
 from .contract import CompressedEmbedding, resolve_init_std
@@ -35,6 +40,10 @@ from .memory import baseline_bytes
 from .registry import (
     MODELS, TABLES, RegistryError, SpecError, _load_builtins, build_model, build_table, check_kwargs,
     check_table_options,
+)
+from .suite_check import (
+    build_on_meta, check_ratios, check_seeds, check_synthetic, check_train, check_train_value, check_unique_names,
+    data_shape, is_int, read_suite_yaml,
 )
 from .synthetic import SyntheticConfig, make_synthetic
 from .training import TrainConfig, train
@@ -93,6 +102,9 @@ class Suite:
     tune: tuple[tuple[str, tuple], ...] = ()
     #: Fit the scikit-learn one-hot logistic regression reference on the train split (once per data set).
     reference: bool = True
+    #: What a prepared data folder holds (:func:`manifest_checksum`), in the run keys; None for synthetic data,
+    #: whose generator config is the key's data itself.
+    data_checksum: str | None = None
 
     def trials(self) -> list[dict[str, Any]]:
         """Every combination of the tuning grid (one empty combination without a grid)."""
@@ -127,16 +139,13 @@ def _lookup(registry, name, where: str):
         raise SpecError(f"{where}: {err}") from None
 
 
-def _check_data(data, where: str) -> dict[str, Any]:
-    """``{"synthetic": {...SyntheticConfig}}`` or ``{"criteo": {"path": prepared folder}}``, checked up front."""
+def _check_data(data, where: str) -> tuple[dict[str, Any], dict | None]:
+    """``{"synthetic": {...SyntheticConfig}}`` or ``{"criteo": {"path": prepared folder}}``, checked up front;
+    with the prepared folder's manifest (None for synthetic data)."""
     if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in ("synthetic", "criteo"):
         raise SpecError(f"{where}: data must be {{synthetic: {{...}}}} or {{criteo: {{path: FOLDER}}}}, got {data!r}")
     if "synthetic" in data:
-        try:
-            SyntheticConfig(**(data["synthetic"] or {}))
-        except TypeError as err:
-            raise SpecError(f"{where}: data.synthetic: {err}") from None
-        return {"synthetic": dict(data["synthetic"] or {})}
+        return {"synthetic": check_synthetic(data["synthetic"], where)}, None
     criteo = data["criteo"]
     if not isinstance(criteo, dict) or "path" not in criteo or not set(criteo) <= {"path", "dense"}:
         raise SpecError(f"{where}: data.criteo must be {{path: FOLDER}} (a folder written by "
@@ -151,13 +160,31 @@ def _check_data(data, where: str) -> dict[str, Any]:
         manifest = read_manifest(folder)
     except (OSError, ValueError) as err:
         raise SpecError(f"{where}: data.criteo.path {str(folder)!r}: {err}") from None
+    if not isinstance(manifest, dict):
+        raise SpecError(f"{where}: data.criteo.path {str(folder)!r}: its manifest is not a JSON object")
     if not manifest.get("complete"):
         raise SpecError(f"{where}: data.criteo.path {str(folder)!r} holds an unfinished data set (no complete "
                         "manifest); rerun `embcompress data criteo`")
     if not use_dense and not any(f.endswith("_bucket") for f in manifest.get("schema", {}).get("sparse", [])):
         raise SpecError(f"{where}: data.criteo.dense is false but {str(folder)!r} has no bucketized dense fields: "
                         "the models would see no dense feature at all (prepare with --dense-buckets)")
-    return {"criteo": {"path": str(folder), **({} if use_dense else {"dense": False})}}
+    return {"criteo": {"path": str(folder), **({} if use_dense else {"dense": False})}}, manifest
+
+
+#: The manifest entries that say what a prepared folder holds: its inputs' checksum, how they were encoded, and
+#: the shape that came out. Timings and the folder's own path stay out.
+_MANIFEST_IDENTITY = ("format", "version", "source_sha256", "options", "rows", "cardinalities", "splits")
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """A short hash of what a prepared data folder holds, for the run keys: a folder rebuilt from other rows or
+    options gets new keys (its old results are not reported as done), a copied or moved one keeps its results.
+    A manifest without a source checksum is hashed whole, less its timing."""
+    if manifest.get("source_sha256"):
+        content = {k: manifest.get(k) for k in _MANIFEST_IDENTITY}
+    else:
+        content = {k: v for k, v in manifest.items() if k != "seconds"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_data(suite: "Suite") -> CTRData:
@@ -173,15 +200,33 @@ def load_data(suite: "Suite") -> CTRData:
     return make_synthetic(SyntheticConfig(**suite.data["synthetic"]))
 
 
+def _check_data_unchanged(suite: "Suite") -> None:
+    """The prepared folder still holds the data the suite's run keys were made for (rebuilt meanwhile: refused,
+    so no result is recorded under the old data's keys)."""
+    if "criteo" not in suite.data or suite.data_checksum is None:
+        return
+    from .criteo import read_manifest
+
+    folder = suite.data["criteo"]["path"]
+    try:
+        now = manifest_checksum(read_manifest(folder))
+    except (OSError, ValueError, AttributeError) as err:
+        raise SpecError(f"{suite.source}: data.criteo.path {folder!r}: {err}") from None
+    if now != suite.data_checksum:
+        raise SpecError(f"{suite.source}: data.criteo.path {folder!r} changed since the suite was loaded (manifest "
+                        f"checksum {now}, was {suite.data_checksum}); load the suite again")
+
+
 def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None = None) -> Suite:
-    """Read and validate a suite; every error names the file and the bad entry, before anything trains.
+    """Read and validate a suite; every error names the file and the key path, before anything trains.
 
     ``data_path`` replaces the suite's data with ``{criteo: {path: data_path}}`` (a prepared folder).
+    Every table and model of the suite is built once on the meta device (:mod:`embcompress.suite_check`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_suite_yaml(path)
     where = str(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: a suite must be a YAML mapping with keys {list(_SUITE_KEYS)}")
@@ -193,29 +238,24 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
     data = raw.get("data") or {"synthetic": {}}
     if data_path is not None:  # the suite's data options (dense: false) still apply to the given folder
         data = {"criteo": {**(data.get("criteo") or {} if isinstance(data, dict) else {}), "path": str(data_path)}}
-    data = _check_data(data, where)
+    data, manifest = _check_data(data, where)
     dim = raw.get("embedding_dim", 16)
-    if not isinstance(dim, int) or dim < 1:
-        raise SpecError(f"{where}: embedding_dim must be a positive int, got {dim!r}")
-    train_opts = dict(raw.get("train") or {})
-    try:
-        TrainConfig(**train_opts)
-    except TypeError as err:
-        raise SpecError(f"{where}: train: {err}") from None
+    if not is_int(dim) or dim < 1:
+        raise SpecError(f"{where}: embedding_dim: expected a positive int, got {dim!r}")
+    train_opts = check_train(raw.get("train"), where)
     tune = _check_tune(raw.get("tune"), train_opts, where)
     reference = raw.get("reference", True)
     if not isinstance(reference, bool):
         raise SpecError(f"{where}: reference must be true or false, got {reference!r}")
-    seeds = tuple(raw.get("seeds") or (0,))
-    if not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise SpecError(f"{where}: seeds must be non-negative ints, got {list(seeds)}")
+    seeds = check_seeds(raw.get("seeds"), where)
     _load_builtins()
     model_list = [raw["model"]] if "model" in raw else raw["models"]
     if not isinstance(model_list, list) or not model_list:
         raise SpecError(f"{where}: models must be a non-empty list of model specs")
-    models = []
+    models, model_paths = [], []
     for i, entry in enumerate(model_list):
-        mwhere = f"{where}: model" if "model" in raw else f"{where}: models[{i}]"
+        model_paths.append("model" if "model" in raw else f"models[{i}]")
+        mwhere = f"{where}: {model_paths[-1]}"
         if not isinstance(entry, dict):
             raise SpecError(f"{mwhere}: a model spec is a mapping with a 'type' key, got {entry!r}")
         spec = {k: v for k, v in entry.items() if k != "name"}
@@ -223,8 +263,7 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
         check_kwargs(model_cls, {k: v for k, v in spec.items() if k != "type"}, mwhere,
                      provided=("embeddings", "num_dense"))
         models.append(ModelSpec(name=str(entry.get("name", spec["type"])), spec=spec))
-    if len({m.name for m in models}) != len(models):
-        raise SpecError(f"{where}: model names must be unique, got {[m.name for m in models]}")
+    check_unique_names([m.name for m in models], "models", where)
     methods = []
     if not isinstance(raw["methods"], list) or not raw["methods"]:
         raise SpecError(f"{where}: methods must be a non-empty list")
@@ -233,25 +272,42 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
         if not isinstance(m, dict) or "table" not in m:
             raise SpecError(f"{mwhere}: each method needs a 'table' spec")
         _unknown(m, _METHOD_KEYS, mwhere)
+        if not isinstance(m["table"], dict):
+            raise SpecError(f'{mwhere}.table: expected a mapping with a "type" key, got {m["table"]!r}')
         table = dict(m["table"])
-        cls = _lookup(TABLES, table.get("type"), f"{mwhere}: table")
+        cls = _lookup(TABLES, table.get("type"), f"{mwhere}.table")
         options = {k: v for k, v in table.items() if k != "type"}
-        ratios = m.get("compression") or []
-        ratios = [ratios] if isinstance(ratios, (int, float)) else list(ratios)
-        for r in ratios:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
-                raise SpecError(f"{mwhere}: compression ratios must be positive numbers, got {r!r}")
-        check_table_options(cls, {**options, **({"budget_bytes": 1} if ratios else {})}, mwhere)
-        methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table,
-                                  compression=tuple(float(r) for r in ratios)))
+        ratios = check_ratios(m.get("compression"), mwhere)
+        if ratios and "budget_bytes" in options:  # the ratio's budget would silently replace the given one
+            raise SpecError(f"{mwhere}: table.budget_bytes and compression both set the size; give one of them")
+        check_table_options(cls, {**options, **({"budget_bytes": 1} if ratios else {})}, f"{mwhere}.table")
+        methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table, compression=ratios))
+    check_unique_names([m.name for m in methods], "methods", where)
     for i, m in enumerate(methods):
         fixed = sorted(k for k, _ in tune if k in m.table)
         if fixed:
             raise SpecError(f"{where}: methods[{i}] ({m.name}) sets {fixed}, which the tuning grid searches")
-    return Suite(
+    suite = Suite(
         name=str(raw.get("name", path.stem)), data=data, embedding_dim=dim, models=tuple(models), train=train_opts,
         seeds=seeds, methods=tuple(methods), source=str(path), tune=tune, reference=reference,
+        data_checksum=manifest_checksum(manifest) if manifest is not None else None,
     )
+    shape = data_shape(data, manifest, where)
+    base = baseline_bytes(shape.cardinalities, dim)
+    first = suite.trials()[0]  # every value of the grid is checked in _check_tune; one build per table suffices
+    build_on_meta(suite.methods, suite.models, shape, dim, where,
+                  [f"methods[{i}]" for i in range(len(methods))], model_paths,
+                  lambda method, ratio: table_spec(method, ratio, base, first))
+    return suite
+
+
+def table_spec(method: MethodSpec, ratio: float | None, base: int, trial: dict[str, Any] | None = None) -> dict:
+    """The spec a run builds: the method's table, the trial's table options, and the ratio's budget."""
+    spec = dict(method.table)
+    spec.update({k: v for k, v in (trial or {}).items() if k in TABLE_TUNABLE})
+    if ratio is not None:
+        spec["budget_bytes"] = base / ratio
+    return spec
 
 
 def _check_tune(tune, train_opts: dict, where: str) -> tuple[tuple[str, tuple], ...]:
@@ -269,13 +325,18 @@ def _check_tune(tune, train_opts: dict, where: str) -> tuple[tuple[str, tuple], 
             raise SpecError(f"{where}: tune.{key} is also fixed in train; give it in one place")
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}: tune.{key} must be a non-empty list of values, got {values!r}")
-        for v in values:
+        for j, v in enumerate(values):
+            if v in values[:j]:  # the same combination would train twice
+                raise SpecError(f"{where}: tune.{key}[{j}]: {v!r} is already tune.{key}[{values.index(v)}]")
             try:
                 if key in TABLE_TUNABLE:
                     resolve_init_std(v, 1)
                 else:
+                    check_train_value(f"tune.{key}[{j}]", key, v, where)
                     TrainConfig(**{**train_opts, key: v})
             except (TypeError, ValueError) as err:
+                if isinstance(err, SpecError):
+                    raise
                 raise SpecError(f"{where}: tune.{key}: {err}") from None
         grid.append((key, tuple(values)))
     return tuple(grid)
@@ -296,8 +357,33 @@ def _locked_results(path: Path):
         os.close(fd)  # releases the lock
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def json_line(record: dict) -> str:
+    """``record`` as one line of strict JSON (``allow_nan=False``): a non-finite float becomes null and its key
+    path is listed under ``non_finite``, so that any JSON reader, not only Python's, can read the results."""
+    paths: list[str] = []
+
+    def clean(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            paths.append(path)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    record = clean(record, "")
+    if paths:
+        record["non_finite"] = sorted(paths)
+    return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+
+
 def _append_line(path: Path, record: dict) -> None:
-    view = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+    view = memoryview(json_line(record).encode("utf-8"))
     with _locked_results(path) as fd:
         while view:
             view = view[os.write(fd, view):]
@@ -308,10 +394,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
             trial: dict[str, Any] | None = None) -> dict:
     dim = suite.embedding_dim
     base = baseline_bytes(data.cardinalities, dim)
-    spec = dict(run.method.table)
-    spec.update({k: v for k, v in (trial or {}).items() if k in TABLE_TUNABLE})
-    if run.ratio is not None:
-        spec["budget_bytes"] = base / run.ratio
+    spec = table_spec(run.method, run.ratio, base, trial)
     torch.manual_seed(run.seed)
     table: CompressedEmbedding = build_table(spec, data.cardinalities, dim, field_names=data.field_names)
     model = build_model(run.model.spec, table, data.num_dense)
@@ -347,10 +430,19 @@ def _run_fields(suite: Suite, run: Run) -> dict:
             "target_ratio": run.ratio, "seed": run.seed}
 
 
+def _key_data(suite: Suite) -> dict[str, Any]:
+    """The data part of the keys: the synthetic config (as given: so the committed results keep their keys), or
+    what a prepared folder holds (its manifest checksum) in place of its path."""
+    if "criteo" not in suite.data or suite.data_checksum is None:
+        return suite.data
+    options = {k: v for k, v in suite.data["criteo"].items() if k != "path"}
+    return {"criteo": {**options, "manifest": suite.data_checksum}}
+
+
 def run_key(suite: Suite, run: Run) -> str:
     """Hash of everything that determines one run's result, so a rerun can tell what is already done."""
     config = {
-        "data": suite.data, "embedding_dim": suite.embedding_dim, "model": run.model.spec, "train": suite.train,
+        "data": _key_data(suite), "embedding_dim": suite.embedding_dim, "model": run.model.spec, "train": suite.train,
         "method": run.method.name, "table": run.method.table, "ratio": run.ratio, "seed": run.seed,
     }
     if suite.tune:  # absent without a grid, so the keys of suites without one are unchanged
@@ -362,7 +454,7 @@ def trial_key(suite: Suite, run: Run, trial: dict[str, Any]) -> str:
     """Key of one trial: the run with the trial's settings in place, and not the grid, so a grid that grows (or
     moves a fixed setting into the grid at the same value) reuses the trials it already has."""
     config = {
-        "data": suite.data, "embedding_dim": suite.embedding_dim, "model": run.model.spec,
+        "data": _key_data(suite), "embedding_dim": suite.embedding_dim, "model": run.model.spec,
         "train": {**suite.train, **{k: v for k, v in trial.items() if k not in TABLE_TUNABLE}},
         "method": run.method.name,
         "table": {**run.method.table, **{k: v for k, v in trial.items() if k in TABLE_TUNABLE}},
@@ -403,19 +495,23 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     """Run every (model, method, ratio, seed) of ``suite``; append each finished run to ``out_dir/results.jsonl``.
 
     Runs already recorded as finished (same run key) are skipped, so a killed suite resumes where it stopped.
-    A failing run is recorded with its error, the suite goes on, and a rerun tries it again.
+    A failing run is recorded with its error, the suite goes on, and a rerun tries it again; so is a data set
+    that fails to load, or whose validation or test split has a single class (its AUC is undefined).
     ``shard=(i, n)`` runs only the runs whose position in ``suite.runs()`` is ``i`` modulo ``n``: n processes
-    (or machines sharing the folder) split a suite and append to one file.
+    (or machines sharing the folder) split a suite and append to one file. Each run is claimed before it trains
+    (:mod:`embcompress.claims`), so processes sharing the folder, sharded or not, never run one run twice.
     Returns the records of the whole suite found in the file at the end, the ones run now included, and the
-    reference fit (``status == "reference"``) when the suite has one.
+    reference fit (``status == "reference"``, or ``"reference_failed"``) when the suite has one.
     """
     from tqdm.auto import tqdm
 
+    from .claims import Claims
+    from .distributed import is_main_process
+
+    _check_data_unchanged(suite)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    from .distributed import is_main_process
-
     writer = is_main_process()  # under torchrun / --nproc every rank trains, only rank 0 writes
     if writer:
         with _locked_results(results_path):  # cuts a killed run's partial line; another shard may be writing
@@ -429,7 +525,9 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
     todo = [(run, key) for run, key in mine if key not in done]
     if len(todo) < len(mine) and progress:
         print(f"{len(mine) - len(todo)} of {len(mine)} runs already in {results_path}; running the other {len(todo)}")
-    data = None
+    claims = Claims(out) if writer else None
+    since = len(existing)  # records from here on were written while this call ran
+    data, unusable = None, None  # unusable: why no run of this data can give an AUC (recorded for each)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "embcompress": __version__,
             "git_commit": _git_commit()}
 
@@ -439,19 +537,93 @@ def run_suite(suite: Suite, out_dir: str | os.PathLike, *, device: str = "cpu", 
             _append_line(results_path, record)
         return record
 
+    elsewhere = []
     for run, key in tqdm(todo, desc=f"suite {suite.name}", disable=None if progress else True):
-        if data is None:
-            data = load_data(suite)
-            if suite.reference and index == 0 and writer:
-                _reference(suite, data, existing, record_line, progress)
-        done[key] = record_line(_tuned_run(suite, data, run, key, trials_done, record_line, device, progress), key)
-    if count > 1 and results_path.exists():  # the other shards' runs too
-        for r in read_results(results_path):
-            key = r.get("run_key")
-            if key and (key not in done or r.get("status") == "ok"):
-                done[key] = r
-    references = [r for r in read_results(results_path) if r.get("status") == "reference"] if writer else []
+        skip, fresh = _take(results_path, claims, key, since) if claims is not None else (None, None)
+        skip = _from_rank0(skip)  # every rank of a data-parallel run trains the same runs
+        if skip:
+            elsewhere.append(f"{run.method.name} {f'{run.ratio:g}x ' if run.ratio else ''}seed {run.seed}: {skip}")
+            continue
+        try:
+            # trials another process finished before it died are kept, not trained again
+            trials_done.update({r["run_key"]: r for r in fresh or () if r.get("status") == "trial"})
+            if data is None and unusable is None:
+                try:
+                    data = load_data(suite)
+                except Exception as err:  # noqa: BLE001 - e.g. an empty split: every run fails alike, recorded
+                    unusable = f"data: {type(err).__name__}: {err}"
+                    print(f"suite {suite.name}: {unusable}", flush=True)
+                else:
+                    unusable = _undefined_auc(data)
+                    if suite.reference and index == 0 and writer:
+                        _reference(suite, data, existing, record_line, progress, results_path, claims, since)
+            if unusable:
+                record = {**_run_fields(suite, run), "status": "failed", "error": unusable}
+            else:
+                record = _tuned_run(suite, data, run, key, trials_done, record_line, device, progress)
+            done[key] = record_line(record, key)
+        finally:
+            if claims is not None:
+                claims.release(key)
+    if claims is not None:
+        with _locked_results(results_path):  # under the lock: no other process is taking a claim just now
+            claims.tidy()
+    if elsewhere:
+        print(f"{len(elsewhere)} run(s) left to other processes sharing {out}:\n  " + "\n  ".join(elsewhere),
+              flush=True)
+    records = read_results(results_path) if results_path.exists() else []
+    for n, r in enumerate(records):  # what the other processes (shards, or unsharded ones) recorded meanwhile
+        key = r.get("run_key")
+        if key and (r.get("status") == "ok" or key not in done and (count > 1 or n >= since)):
+            done[key] = r
+    references = [r for r in records if r.get("status") == "reference"] if writer else []
+    if writer and not references and suite.reference:
+        references = [r for r in records[since:] if r.get("status") == "reference_failed"]
     return [done[key] for _, key in runs if key in done] + references[-1:]
+
+
+def _take(results_path: Path, claims, key: str, since: int) -> tuple[str | None, list[dict]]:
+    """Claim run ``key`` under the results file's lock: ``(None, records)`` when this process now holds it, or
+    ``(why it is skipped, records)`` when another process recorded it since ``since`` (or finished it at any
+    time), or holds a live claim on it. ``records``: the file as read under the lock."""
+    with _locked_results(results_path):
+        records = read_results(results_path)
+        for n, r in enumerate(records):
+            if r.get("run_key") == key and (r.get("status") in ("ok", "reference") or n >= since and
+                                            r.get("status") in ("failed", "reference_failed")):
+                return "recorded by another process meanwhile", records
+        holder = claims.holder(key)
+        if holder is not None:
+            return f"being run by process {holder.get('pid')} on {holder.get('host')}", records
+        claims.take(key)
+    return None, records
+
+
+def _from_rank0(value):
+    """Rank 0's ``value`` on every rank of a data-parallel run (only rank 0 reads the claims); as is otherwise."""
+    from .distributed import is_distributed
+
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _undefined_auc(data: CTRData) -> str | None:
+    """Why the AUC of ``data``'s validation or test split is undefined (an empty or single-class split), or
+    None. Early stopping and tuning need the validation AUC, the report the test AUC."""
+    for split in ("val", "test"):
+        lo, hi = data.splits.get(split, (0, 0))
+        positives = int(np.asarray(data.labels[lo:hi], dtype=np.float64).sum())
+        if hi == lo:
+            return f"{data.name}: the {split} split is empty: AUC undefined"
+        if positives in (0, hi - lo):
+            which = "positives" if positives == 0 else "negatives"
+            return f"{data.name}: the {split} split has no {which} (0 of {hi - lo} rows): AUC undefined"
+    return None
 
 
 def _tuned_run(suite: Suite, data: CTRData, run: Run, key: str, trials_done: dict[str, dict], record_line,
@@ -466,6 +638,9 @@ def _tuned_run(suite: Suite, data: CTRData, run: Run, key: str, trials_done: dic
         if record is None:
             try:
                 record = run_one(suite, data, run, device=device, progress=progress, trial=trial)
+                bad = [k for k in ("val_auc", "test_auc") if not _finite(record.get(k))]
+                if bad:  # a single-class split is caught before training; this guards the results' JSON
+                    raise FloatingPointError(f"{' and '.join(bad)} not finite ({record.get(bad[0])!r})")
             except Exception as err:  # recorded, and the suite goes on
                 return {**_run_fields(suite, run), "status": "failed", "error": f"{type(err).__name__}: {err}",
                         **({"tuned": trial} if suite.tune else {})}
@@ -474,25 +649,45 @@ def _tuned_run(suite: Suite, data: CTRData, run: Run, key: str, trials_done: dic
         results.append(record)
     if not suite.tune:
         return {**results[0], "status": "ok"}
-    best = max(results, key=lambda r: r["val_auc"] if math.isfinite(r["val_auc"]) else -math.inf)
+    best = max(results, key=lambda r: r["val_auc"] if _finite(r.get("val_auc")) else -math.inf)
     trials = [{"tuned": r["tuned"], "val_auc": r["val_auc"], "test_auc": r["test_auc"], "best_epoch": r["best_epoch"]}
               for r in results]
     record = {k: v for k, v in best.items() if k not in ("parent_key", "run_key", "peak_rss_mb")}
     return {**record, "status": "ok", "trials": trials,
-            "tuning_seconds": sum(r.get("wall_seconds", 0.0) for r in results)}
+            "tuning_seconds": sum(r.get("wall_seconds") or 0.0 for r in results)}
 
 
-def _reference(suite: Suite, data: CTRData, existing: list[dict], record_line, progress: bool) -> None:
-    """The one-hot logistic regression reference of the suite's data, fitted once and kept as a line."""
+def reference_key(suite: Suite) -> str:
+    """Key of the reference fit: it depends on the data alone."""
+    return hashlib.sha256(json.dumps(["reference", _key_data(suite)], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reference(suite: Suite, data: CTRData, existing: list[dict], record_line, progress: bool,
+               results_path: Path, claims, since: int) -> None:
+    """The one-hot logistic regression reference of the suite's data, fitted once and kept as a line; a fit that
+    fails (a split with one class) is kept as a ``reference_failed`` line, and the runs go on."""
     from .reference import logistic_regression_reference
 
-    key = hashlib.sha256(json.dumps(["reference", suite.data], sort_keys=True).encode()).hexdigest()[:16]
+    key = reference_key(suite)
     if any(r.get("run_key") == key for r in existing if r.get("status") == "reference"):
         return
-    if progress:
-        print("fitting the scikit-learn one-hot logistic regression reference", flush=True)
-    result = logistic_regression_reference(data)
-    record_line({"suite": suite.name, "status": "reference", **result.as_dict(), "bayes_auc": data.bayes_auc}, key)
+    if claims is not None and _take(results_path, claims, key, since)[0]:
+        return  # fitted, or being fitted, by another process
+    try:
+        if progress:
+            print("fitting the scikit-learn one-hot logistic regression reference", flush=True)
+        try:
+            result = logistic_regression_reference(data)
+        except Exception as err:  # noqa: BLE001 - the runs do not need it
+            print(f"suite {suite.name}: the reference fit failed: {type(err).__name__}: {err}", flush=True)
+            record_line({"suite": suite.name, "status": "reference_failed", "error": f"{type(err).__name__}: {err}"},
+                        key)
+            return
+        record_line({"suite": suite.name, "status": "reference", **result.as_dict(), "bayes_auc": data.bayes_auc},
+                    key)
+    finally:
+        if claims is not None:
+            claims.release(key)
 
 
 def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
@@ -502,8 +697,46 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     return index, count
 
 
+#: The keys each kind of record needs (what resuming and the report read), by status.
+RECORD_KEYS = {
+    "ok": ("method", "seed", "target_ratio", "test_auc", "bytes", "ratio"),
+    "failed": ("method", "seed", "error"),
+    "trial": ("run_key", "parent_key", "tuned", "val_auc", "test_auc", "best_epoch"),
+    "reference": ("name", "C", "test_auc", "test_logloss"),
+    "reference_failed": ("error",),
+}
+
+
+def _check_record(record, where: str) -> None:
+    """A results line: a JSON object with a known status, the keys of that status, and the common keys typed."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object (one record), got {record!r:.80}")
+    status = record.get("status")
+    if status is None:
+        raise ValueError(f"{where}: a record without a 'status' (one of {', '.join(RECORD_KEYS)})")
+    if status not in RECORD_KEYS:
+        raise ValueError(f"{where}: unknown status {status!r} (one of {', '.join(RECORD_KEYS)})")
+    missing = [k for k in RECORD_KEYS[status] if k not in record]
+    if missing:
+        raise ValueError(f"{where}: a record with status {status!r} lacks {', '.join(map(repr, missing))}")
+    for key, ok, what in (("method", lambda v: isinstance(v, str), "a string"),
+                          ("run_key", lambda v: isinstance(v, str), "a string"),
+                          ("error", lambda v: isinstance(v, str), "a string"),
+                          ("seed", is_int, "an int"),
+                          ("target_ratio", lambda v: v is None or _finite(v), "a number or null"),
+                          ("bytes", lambda v: v is None or is_int(v), "an int or null"),
+                          ("test_auc", lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool),
+                           "a number or null")):
+        if key in record and not ok(record[key]):
+            raise ValueError(f"{where}: {key!r} must be {what}, got {record[key]!r:.80}")
+
+
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """Records of a results.jsonl; an unterminated last line (a run killed mid-write) is ignored."""
+    """Records of a results.jsonl; an unterminated last line (a run killed mid-write) is ignored.
+
+    A line that is not JSON, or not a record of a known kind with its keys, is an error naming the file and line.
+    A bare ``NaN`` (written by versions before strict JSON) is read as NaN; the report leaves such runs out.
+    """
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     lines = text.split("\n")
@@ -512,9 +745,11 @@ def read_results(path: str | os.PathLike) -> list[dict]:
     for number, line in enumerate(complete, start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+            _check_record(record, f"{path}: line {number}")
+            records.append(record)
     return records
 
 
@@ -531,7 +766,9 @@ def results_frame(results: str | os.PathLike | list[dict]):
 
 
 def _mean(records: list[dict], key: str) -> float:
-    return float(np.mean([r.get(key, math.nan) for r in records]))
+    """Mean of the finite values of ``key`` (NaN when none has one: a missing or null figure is not a zero)."""
+    values = [r.get(key) for r in records if _finite(r.get(key))]
+    return float(np.mean(values)) if values else math.nan
 
 
 def _runs(records: list[dict]) -> list[dict]:
@@ -541,7 +778,7 @@ def _runs(records: list[dict]) -> list[dict]:
 
 def reference_of(records: list[dict]) -> dict | None:
     """The scikit-learn logistic regression reference recorded beside the runs (the last one), if any."""
-    refs = [r for r in records if r.get("status") == "reference"]
+    refs = [r for r in records if r.get("status") == "reference" and _finite(r.get("test_auc"))]
     return refs[-1] if refs else None
 
 
@@ -550,8 +787,8 @@ def _tuned_text(rs: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rs for k in (r.get("tuned") or {})))
     parts = []
     for k in keys:
-        values = list(dict.fromkeys(f"{r['tuned'][k]:g}" if isinstance(r["tuned"].get(k), float)
-                                    else str(r["tuned"].get(k)) for r in rs))
+        values = list(dict.fromkeys(f"{r['tuned'][k]:g}" if isinstance((r.get("tuned") or {}).get(k), float)
+                                    else str((r.get("tuned") or {}).get(k)) for r in rs))
         parts.append(f"{k}={'/'.join(values)}")
     return ", ".join(parts)
 
@@ -560,26 +797,33 @@ def _tuned_text(rs: list[dict]) -> str:
 UNDER_TARGET = 0.95
 
 
+def _no_auc(records: list[dict]) -> list[dict]:
+    """Runs recorded as finished without a finite test AUC (a NaN of an older version, a null, a missing key)."""
+    return [r for r in records if r.get("status") == "ok" and not _finite(r.get("test_auc"))]
+
+
 def _group(records: list[dict]) -> list[dict]:
-    """Mean and std over seeds of each (model, method, target ratio)."""
+    """Mean and std over seeds of each (model, method, target ratio), over the runs with a test AUC."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        if r.get("status") == "ok":
-            groups.setdefault((r.get("model", ""), r["method"], r["target_ratio"]), []).append(r)
+        if r.get("status") == "ok" and _finite(r.get("test_auc")):
+            groups.setdefault((r.get("model", ""), r.get("method"), r.get("target_ratio")), []).append(r)
     rows = []
     for (model, method, target), rs in groups.items():
         auc = np.array([r["test_auc"] for r in rs])
+        size = _mean(rs, "bytes")
         rows.append({
-            "model": model, "method": method,
-            "target_ratio": target, "seeds": len(rs), "bytes": int(_mean(rs, "bytes")), "ratio": _mean(rs, "ratio"),
+            "model": model, "method": method, "target_ratio": target, "seeds": len(rs),
+            "bytes": int(size) if math.isfinite(size) else 0, "ratio": _mean(rs, "ratio"),
             "auc": float(auc.mean()), "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
             "logloss": _mean(rs, "test_logloss"), "samples_per_second": _mean(rs, "samples_per_second"),
             "best_epoch": _mean(rs, "best_epoch"), "epochs_run": _mean(rs, "epochs_run"),
             "dense_parameters": _mean(rs, "dense_parameters"),
-            "under_target": any(r.get("target_bytes") and r["bytes"] < UNDER_TARGET * r["target_bytes"] for r in rs),
+            "under_target": any(_finite(r.get("target_bytes")) and _finite(r.get("bytes"))
+                                and r["bytes"] < UNDER_TARGET * r["target_bytes"] for r in rs),
             "tuned": _tuned_text(rs),
         })
-    return sorted(rows, key=lambda g: (g["model"], -g["bytes"], g["method"]))
+    return sorted(rows, key=lambda g: (str(g["model"]), -g["bytes"], str(g["method"])))
 
 
 def _full_auc(rows: list[dict], model: str) -> float | None:
@@ -588,7 +832,7 @@ def _full_auc(rows: list[dict], model: str) -> float | None:
 
 
 def _bayes(records: list[dict]) -> float | None:
-    return next((r.get("bayes_auc") for r in records if r.get("bayes_auc") is not None), None)
+    return next((r.get("bayes_auc") for r in records if _finite(r.get("bayes_auc"))), None)
 
 
 def format_table(records: list[dict]) -> str:
@@ -602,9 +846,11 @@ def format_table(records: list[dict]) -> str:
     if bayes is not None:
         lines.append(f"Bayes-optimal test AUC of the data (the ceiling): **{bayes:.4f}**\n")
     if reference is not None:
-        lines.append(f"Reference, {reference['name']} on the same train split (C={reference['C']:g} chosen on "
-                     f"validation): test AUC **{reference['test_auc']:.4f}**, logloss {reference['test_logloss']:.4f}"
-                     f"\n")
+        c = f"C={reference['C']:g}" if _finite(reference.get("C")) else "C"
+        logloss = reference.get("test_logloss")
+        lines.append(f"Reference, {reference.get('name', 'one-hot LR')} on the same train split ({c} chosen on "
+                     f"validation): test AUC **{reference['test_auc']:.4f}**, logloss "
+                     f"{f'{logloss:.4f}' if _finite(logloss) else 'n/a'}\n")
     model_head = "| model | dense params " if several_models else ""
     bayes_head = "| vs Bayes " if bayes is not None else ""
     tuned_head = "| tuned on validation | best epoch / run " if tuned else ""
@@ -639,6 +885,12 @@ def format_table(records: list[dict]) -> str:
                          f"| {_auc_cell(g)} | {delta} |")
     lines += _coverage(records, rows)
     lines += _failures(records)
+    missing = _no_auc(records)
+    if missing:
+        which = ", ".join(f"{r.get('method')} at {r['target_ratio']:g}x" if _finite(r.get("target_ratio"))
+                          else str(r.get("method")) for r in missing[:10])
+        lines.append(f"\n{len(missing)} run(s) recorded as finished have no test AUC (nan, null or missing) and are "
+                     f"left out above: {which}{' ...' if len(missing) > 10 else ''}")
     return "\n".join(lines)
 
 
@@ -649,14 +901,17 @@ def _failures(records: list[dict]) -> list[str]:
     for r in records:
         if r.get("status") == "failed":
             minimum = re.search(r"minimum budget ([\d,]+)", r.get("error") or "")
-            groups.setdefault((r["method"], minimum.group(1) if minimum else r.get("error")), []).append(r)
+            groups.setdefault((r.get("method"), minimum.group(1) if minimum else r.get("error")), []).append(r)
     lines = []
     for (method, cause), rs in groups.items():
         targets = ", ".join(f"{t:g}x" if t else "no budget" for t in sorted({r.get("target_ratio") or 0 for r in rs}))
         models = ", ".join(dict.fromkeys(str(r.get("model")) for r in rs))
-        seeds = sorted({r["seed"] for r in rs})
+        seeds = sorted({r.get("seed") for r in rs}, key=str)
         lines.append(f"\nFAILED: {method} at {targets} ({models}; seed{'s' * (len(seeds) > 1)} "
                      f"{', '.join(map(str, seeds))}): {rs[0].get('error')}")
+    failed_refs = [r for r in records if r.get("status") == "reference_failed"]
+    if failed_refs and reference_of(records) is None:
+        lines.append(f"\nFAILED: the one-hot LR reference: {failed_refs[-1].get('error')}")
     return lines
 
 
@@ -683,14 +938,14 @@ def best_per_budget(records: list[dict]) -> list[dict]:
 def _coverage(records: list[dict], rows: list[dict]) -> list[str]:
     """Method x budget grid of mean AUCs, per model; a budget a method could not reach shows as 'no'."""
     records = _runs(records)
-    targets = sorted({r["target_ratio"] for r in records if r.get("target_ratio") is not None})
+    targets = sorted({r["target_ratio"] for r in records if _finite(r.get("target_ratio"))})
     if len(targets) < 2:
         return []
     auc = {(g["model"], g["method"], g["target_ratio"]): g["auc"] for g in rows}
-    tried = {(r.get("model", ""), r["method"], r.get("target_ratio")) for r in records}
+    tried = {(r.get("model", ""), r.get("method"), r.get("target_ratio")) for r in records}
     lines = []
     for model in dict.fromkeys(r.get("model", "") for r in records):
-        methods = [m for m in dict.fromkeys(r["method"] for r in records if r.get("model", "") == model)
+        methods = [m for m in dict.fromkeys(r.get("method") for r in records if r.get("model", "") == model)
                    if any((model, m, t) in tried for t in targets)]
         lines += ["", f"Test AUC by method and budget{f' ({model})' if model else ''}; 'no': not reachable "
                       "(see FAILED below):", ""]
@@ -719,7 +974,7 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _group(records)
+    rows = [g for g in _group(records) if g["bytes"] > 0]  # a log axis has no place for 0 or unknown bytes
     models = list(dict.fromkeys(g["model"] for g in rows)) or [""]
     # One panel per model: a frontier or a full-table line across models would compare unlike things.
     fig, axes = plt.subplots(1, len(models), figsize=(8.5 * len(models), 5.5), squeeze=False, sharey=True)
@@ -752,7 +1007,10 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
         ax.set_xlabel("embedding bytes (log scale)")
         ax.set_title(f"{title or 'memory vs AUC'}{f' — {model}' if len(models) > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:  # every run failed, or none has a test AUC: an empty plane, said so
+            ax.text(0.5, 0.5, "no run with a test AUC", transform=ax.transAxes, ha="center", va="center")
     axes[0][0].set_ylabel("test AUC")
     fig.tight_layout()
     path = Path(path)

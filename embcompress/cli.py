@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
 from pathlib import Path
@@ -70,11 +69,12 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     if is_main_process():
         print(f"suite {suite.name} ({suite_path}): {len(suite.runs())} runs -> {out}", flush=True)
     records = run_suite(suite, out, device=args.device, progress=not args.quiet, shard=args.shard)
+    failed = any(r.get("status") in ("failed", "reference_failed") for r in records)
     if not is_main_process():
-        return 0 if all(r.get("status") != "failed" for r in records) else 1
+        return 1 if failed else 0
     print(_write_report(records, out, f"{suite.name}: {', '.join(m.name for m in suite.models)}, D={suite.embedding_dim}"))
     print(f"results: {out / 'results.jsonl'}")
-    return 0 if all(r.get("status") != "failed" for r in records) else 1
+    return 1 if failed else 0
 
 
 def cmd_bench_report(args: argparse.Namespace) -> int:
@@ -90,6 +90,7 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from .bench import json_line
     from .speed import format_speed, load_speed_suite, run_speed
 
     suite_path = Path(args.suite) if args.suite else Path(__file__).resolve().parent.parent / "benchmarks" / "speed.yaml"
@@ -100,7 +101,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     table = format_speed(records, suite, args.device)
     (out / "report.md").write_text(f"# {suite.name} ({args.device})\n\n{table}\n")
     with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        fh.writelines(json_line(r) for r in records)  # strict JSON, as bench run writes
     print(f"{table}\n\nreport:  {out / 'report.md'}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
@@ -158,20 +159,50 @@ def build_parser() -> argparse.ArgumentParser:
     p_criteo.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
     p_criteo.add_argument("--block-rows", type=int, default=500_000, help="about this many lines per block")
     p_criteo.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_criteo.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p_criteo.set_defaults(func=cmd_data_criteo)
     p_csv = data.add_parser("csv", help="any CSV/TSV through a YAML spec -> the same arrays + manifest as criteo")
     p_csv.add_argument("spec", help="YAML spec (see embcompress.csvdata): files, label, categorical, dense, split")
     p_csv.add_argument("--out", required=True, help="output folder")
     p_csv.add_argument("--block-rows", type=int, default=500_000, help="about this many lines per block")
     p_csv.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_csv.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p_csv.set_defaults(func=cmd_data_csv)
     return parser
+
+
+_FORCE_HELP = ("rebuild even if --out already holds this data set (same inputs and options); also replaces another "
+               "data set there. The rebuild is written beside --out and swapped in at the end")
+
+
+def _prepare_quietly(prepare, *args, **kw) -> dict:
+    # The data warnings (a split without positives, ...) are printed below from the manifest, once, as one line each.
+    import warnings
+
+    from .prepared import DataWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        return prepare(*args, **kw)
+
+
+def _data_done(m: dict, out: str) -> bool:
+    """Print the warnings of a prepared data set; True (after saying so) when it was already prepared."""
+    for w in m.get("warnings", []):
+        print(f"embcompress: warning: {w}", file=sys.stderr)
+    if m.get("already_prepared"):
+        print(f"{out}: already prepared from the same inputs and options ({m['rows']:,} rows); nothing done "
+              "(--force rebuilds it)")
+    return bool(m.get("already_prepared"))
 
 
 def cmd_data_csv(args: argparse.Namespace) -> int:
     from .csvdata import prepare_csv
 
-    m = prepare_csv(args.spec, args.out, block_rows=args.block_rows, progress=not args.quiet)
+    m = _prepare_quietly(prepare_csv, args.spec, args.out, block_rows=args.block_rows, progress=not args.quiet,
+                         force=args.force)
+    if _data_done(m, args.out):
+        return 0
     print(f"{m['name']}: {m['rows']:,} rows ({m['skipped']['total']:,} bad lines skipped) in {m['seconds']:.1f} s "
           f"-> {args.out}")
     print(f"splits: {m['splits']}\ncardinalities: {dict(zip(m['schema']['sparse'], m['cardinalities']))}")
@@ -181,9 +212,12 @@ def cmd_data_csv(args: argparse.Namespace) -> int:
 def cmd_data_criteo(args: argparse.Namespace) -> int:
     from .criteo import prepare_criteo
 
-    m = prepare_criteo(args.inputs, args.out, min_count=args.min_count, split=args.split, seed=args.seed,
-                       max_rows_per_field=args.max_rows_per_field, dense_buckets=args.dense_buckets,
-                       on_bad_line=args.on_bad_line, block_rows=args.block_rows, progress=not args.quiet)
+    m = _prepare_quietly(prepare_criteo, args.inputs, args.out, min_count=args.min_count, split=args.split,
+                         seed=args.seed, max_rows_per_field=args.max_rows_per_field,
+                         dense_buckets=args.dense_buckets, on_bad_line=args.on_bad_line,
+                         block_rows=args.block_rows, progress=not args.quiet, force=args.force)
+    if _data_done(m, args.out):
+        return 0
     print(f"{m['rows']:,} rows ({m['skipped']['total']:,} bad lines skipped) in {m['seconds']:.1f} s -> {args.out}")
     print(f"splits: {m['splits']}\ncardinalities: {m['cardinalities']}")
     return 0

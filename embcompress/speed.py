@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from .bench import _lookup, _unknown
 from .memory import baseline_bytes
 from .registry import TABLES, SpecError, _load_builtins, build_table, check_table_options
+from .suite_check import read_suite_yaml
 from .synthetic import CRITEO_KAGGLE_CARDINALITIES
 from .training import TrainConfig, _optimizers, _regularization
 
@@ -68,7 +68,7 @@ def load_speed_suite(path: str | os.PathLike) -> SpeedSuite:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"speed suite file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_suite_yaml(path)  # a syntax error names the file and line
     where = str(path)
     if not isinstance(raw, dict) or not raw.get("methods"):
         raise SpecError(f"{where}: a speed suite is a mapping with a non-empty 'methods' list")

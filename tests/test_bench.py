@@ -61,7 +61,7 @@ def test_bench_cli_writes_table_results_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"methods": [{"table": {"type": "hashing.v2"}}]}, r"methods\[0\]: table: unknown table 'hashing.v2'. Did you mean 'hashing.v1'"),
+    ({"methods": [{"table": {"type": "hashing.v2"}}]}, r"methods\[0\].table: unknown table 'hashing.v2'. Did you mean 'hashing.v1'"),
     ({"methods": [{"table": {"type": "hashing.v1", "num_bucket": 3}}]}, "unknown key 'num_bucket'"),
     ({"methods": [{"table": {"type": "hashing.v1"}, "compression": [0]}]}, "positive"),
     ({"model": {"type": "dlrm.v1", "top": [3]}}, "unknown key 'top'"),
