@@ -27,6 +27,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from .data import CTRData
+from .validate import check_int, check_number
 
 __all__ = [
     "CRITEO_KAGGLE_CARDINALITIES", "SyntheticConfig", "scaled_cardinalities", "make_synthetic", "seen_values_auc",
@@ -71,14 +72,15 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rows < 10:
-            raise ValueError(f"rows must be at least 10, got {self.rows}")
-        if not 0 < self.click_rate < 1:
-            raise ValueError(f"click_rate must be in (0, 1), got {self.click_rate}")
-        if self.zipf_exponent <= 0:
-            raise ValueError(f"zipf_exponent must be positive, got {self.zipf_exponent}")
-        if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be positive, got {self.latent_dim}")
+        owner = "SyntheticConfig"
+        check_int("rows", self.rows, lo=10, owner=owner)
+        check_int("latent_dim", self.latent_dim, lo=1, owner=owner)
+        check_int("seed", self.seed, lo=0, owner=owner)
+        check_number("click_rate", self.click_rate, lo=0, hi=1, lo_open=True, hi_open=True, owner=owner)
+        check_number("zipf_exponent", self.zipf_exponent, positive=True, owner=owner)
+        check_number("cardinality_exponent", self.cardinality_exponent, owner=owner)
+        for name in ("interaction_scale", "bias_scale", "val_fraction", "test_fraction"):
+            check_number(name, getattr(self, name), lo=0, owner=owner)
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ValueError(f"val_fraction {self.val_fraction} and test_fraction {self.test_fraction} must be in "
                              "(0, 1) and sum below 1")

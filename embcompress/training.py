@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .contract import CompressedEmbedding, IdError
+from .validate import check_bool, check_choice, check_int, check_number, check_positive_int, check_positive_number
 from .data import Batch, CTRData, iterate_batches
 from .distributed import DistContext, all_sum, evaluate_sharded, is_distributed
 
@@ -53,22 +54,18 @@ class TrainConfig:
     checkpoint: str | None = None  # file for the best weights (default: kept in memory)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS, owner="TrainConfig")
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name), owner="TrainConfig")
+        check_int("seed", self.seed, lo=0, owner="TrainConfig")
+        check_bool("progress", self.progress, owner="TrainConfig")
         for name in ("lr", "embedding_lr"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            check_positive_number(name, getattr(self, name), optional=name == "embedding_lr", owner="TrainConfig")
         for name in ("weight_decay", "embedding_weight_decay", "embedding_l2"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if not (isinstance(self.lr_decay, (int, float)) and 0 < self.lr_decay <= 1):
-            raise ValueError(f"lr_decay must be in (0, 1] (1 keeps the learning rate), got {self.lr_decay!r}")
+            check_number(name, getattr(self, name), lo=0, owner="TrainConfig")
+        check_number("lr_decay", self.lr_decay, lo=0, hi=1, lo_open=True, owner="TrainConfig")
+        if not isinstance(self.device, str):
+            raise ValueError(f"TrainConfig: device must be a string like 'cpu' or 'cuda', got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available here")
 

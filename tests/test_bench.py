@@ -444,7 +444,7 @@ def test_tuning_grid_trains_every_combination_and_keeps_the_best_on_validation(t
     ({"lr": []}, "tune.lr must be a non-empty list"),
     ({"seed": [0, 1]}, "tune.seed: not a tunable"),
     ({"init_std": [0.1, 0]}, "tune.init_std: init_std must be a positive"),
-    ({"lr": [0.1, -1]}, "tune.lr: lr must be a positive number, got -1"),
+    ({"lr": [0.1, -1]}, "tune.lr: TrainConfig: lr must be a positive finite number, got -1"),
     ({"lr": 0.1}, "tune.lr must be a non-empty list"),
     ([0.1], "tune must be a mapping"),
 ])

@@ -263,7 +263,7 @@ def _method(table, **extra):
      r"suite.yaml: methods\[1\].table: expected a mapping with a \"type\" key, got 'hashing.v1'"),
     (_method({"type": "hashing.v1", "budget_bytes": 5000}, compression=[4]),
      r"suite.yaml: methods\[1\]: table.budget_bytes and compression both set the size; give one of them"),
-    ({"train": {**TINY["train"], "lr": -1}}, r"suite.yaml: train: lr must be a positive number, got -1"),
+    ({"train": {**TINY["train"], "lr": -1}}, r"suite.yaml: train: TrainConfig: lr must be a positive finite number, got -1"),
     ({"train": {**TINY["train"], "epochs": True}}, r"suite.yaml: train.epochs: expected an int, got True"),
     ({"train": {**TINY["train"], "seed": 3}}, r"suite.yaml: train.seed: set by the runner"),
     ({"train": [1, 2]}, r"suite.yaml: train: expected a mapping of training settings, got \[1, 2\]"),
@@ -273,7 +273,7 @@ def _method(table, **extra):
      r"suite.yaml: data.synthetic.seed: expected a non-negative int, got -1"),
     ({"data": {"synthetic": {"rows": "2000"}}}, r"suite.yaml: data.synthetic.rows: expected an int, got '2000'"),
     ({"data": {"synthetic": {"rows": 2000, "click_rate": 2}}},
-     r"suite.yaml: data.synthetic: click_rate must be in \(0, 1\), got 2"),
+     r"suite.yaml: data.synthetic: SyntheticConfig: click_rate must be a finite number in \(0, 1\), got 2"),
     (_method({"type": "hashing.v1"}, compression=[math.inf]),
      r"methods\[1\].compression\[0\]: expected a positive finite number, got inf"),
 ])

@@ -237,3 +237,32 @@ def test_validators_refuse_coercion_and_accept_numpy():
         check_per_field("n", [1, 2], 3)
     with pytest.raises(ValueError, match=r"n must be a positive int or a list of one per field, got 100\.0"):
         check_per_field("n", 100.0, 3)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(epochs=True), "TrainConfig: epochs must be"),
+    (dict(batch_size=2.5), "TrainConfig: batch_size must be"),
+    (dict(lr=float("nan")), "TrainConfig: lr must be"),
+    (dict(progress="no"), "TrainConfig: progress must be a bool"),
+    (dict(seed=-1), "TrainConfig: seed must be"),
+    (dict(lr_decay=0), "TrainConfig: lr_decay must be"),
+])
+def test_train_config_is_typed(options, match):
+    from embcompress.training import TrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**options)
+    assert TrainConfig(epochs=np.int64(2), lr=np.float32(0.01)).epochs == 2
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(rows=True), "SyntheticConfig: rows must be"),
+    (dict(seed=-1), "SyntheticConfig: seed must be"),
+    (dict(latent_dim=2.5), "SyntheticConfig: latent_dim must be"),
+    (dict(click_rate=float("inf")), "SyntheticConfig: click_rate must be"),
+])
+def test_synthetic_config_is_typed(options, match):
+    from embcompress.synthetic import SyntheticConfig
+
+    with pytest.raises(ValueError, match=match):
+        SyntheticConfig(**options)
