@@ -7,7 +7,11 @@ or crash on its first forward. Every table therefore saves the options it was bu
 ``_extra_state`` entry of its state_dict (plain Python values, so ``torch.load(weights_only=True)`` reads them)
 and refuses a checkpoint built otherwise, naming the option. Options that only shape training (``init_std``,
 ``sparse``) or whose effect is itself saved (``seed``: the derived hash seeds are buffers) are saved but not
-compared (:attr:`~embcompress.contract.CompressedEmbedding.checkpoint_ignores`).
+compared (:attr:`~embcompress.contract.CompressedEmbedding.checkpoint_ignores`). Options are compared as
+given, apart from the sizes (``cardinalities``, ``embedding_dim``, resolved): ``num_buckets=100`` and
+``[100, 100]`` are two spellings, and a table is loaded by building it as the checkpoint's was (a table built
+to a budget gets the same solved options from the same budget). The check runs before any tensor is copied,
+so a refused checkpoint leaves the table as it was.
 
 >>> import torch
 >>> from embcompress.tables.qr import QREmbedding

@@ -362,13 +362,16 @@ class CompressedEmbedding(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        key = prefix + "_extra_state"
+        if key in state_dict:  # checked before any tensor is copied: a refused checkpoint leaves the table as it was
+            self.set_extra_state(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        key = prefix + "_extra_state"
         if key in missing_keys:  # a checkpoint from before tables saved their options: still loads, unchecked
             missing_keys.remove(key)
             warnings.warn(f"{self._owner_name()}: the checkpoint has no saved table options (saved by an older "
                           "embcompress); loaded without checking that they match", stacklevel=2)
+        self._device_cache.clear()  # the id limits may follow loaded buffers
         self.loaded_state_()
 
     def loaded_state_(self) -> None:

@@ -8,7 +8,7 @@ permutation, never row by row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -87,17 +87,20 @@ class CTRData:
             return f"dense column {names[col]!r} (index {col})"
         return f"dense column {col}"
 
-    def bad_id(self, split: str) -> str | None:
-        """The first id of ``split`` outside its field's ``[0, cardinality)``, described, or None.
+    def bad_id(self, split: str, limits: Sequence[int] | None = None) -> str | None:
+        """The first id of ``split`` outside its field's ``[0, limit)``, described, or None.
 
-        Not checked at construction: hashing tables accept raw, unbounded ids whatever ``cardinalities`` says;
-        training calls it when a table refuses an id, to name the data row instead of a shuffled batch position.
+        ``limits``: one per field, ``-1`` for a field that takes any non-negative id (a table's ``id_limits()``);
+        default: the cardinalities. Not checked at construction: hashing tables accept raw, unbounded ids whatever
+        ``cardinalities`` says; training calls it when a table refuses an id, to name the data row instead of a
+        shuffled batch position.
         """
         lo, hi = self.splits[split]
-        card = np.asarray(self.cardinalities, dtype=np.int64)
+        card = np.asarray(self.cardinalities if limits is None else limits, dtype=np.int64)
+        bounded = card >= 0
         for start in range(lo, hi, _CHECK_ROWS):
             ids = np.asarray(self.sparse[start:min(hi, start + _CHECK_ROWS)])
-            rows, cols = np.nonzero((ids < 0) | (ids >= card))
+            rows, cols = np.nonzero((ids < 0) | (bounded & (ids >= card)))
             if rows.size:
                 row, col = start + int(rows[0]), int(cols[0])
                 return (f"{self.name}: {self._where(row)} has id {int(ids[rows[0], col])} in field "

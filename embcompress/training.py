@@ -194,7 +194,11 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
         return _train(model, data, cfg, output_l2)
     except IdError as err:
         # The table names a position in a shuffled batch; the data row and field name are what a user can fix.
-        where = next((w for w in map(data.bad_id, ("train", "val", "test")) if w), None)
+        tables = tables_of(model)
+        # The table's own limits where one table reads every field (hashed fields take any id).
+        limits = (list(tables[0].id_limits()) if len(tables) == 1 and tables[0].num_fields == len(data.cardinalities)
+                  else None)
+        where = next((w for w in (data.bad_id(s, limits) for s in ("train", "val", "test")) if w), None)
         if where is None:
             raise
         raise IdError(f"{where} ({err})") from err

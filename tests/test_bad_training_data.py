@@ -85,3 +85,18 @@ def test_an_id_out_of_range_in_training_names_the_data_row_and_field(data):
     with pytest.raises(IdError, match=rf"split 'train' row 123 .* id {data.cardinalities[1] + 5} in field "
                                       rf"'{data.field_names[1]}' \(index 1\), outside \[0, {data.cardinalities[1]}\)"):
         train(small_model(bad), bad, TrainConfig(epochs=1, batch_size=512, progress=False))
+
+
+def test_a_raw_id_in_a_hashed_field_is_not_blamed_for_a_bad_id_elsewhere(data):
+    # Field 0 is hashed (any id is fine there), the smallest field is stored directly.
+    sparse = data.sparse.copy()
+    last = min(range(len(data.cardinalities)), key=data.cardinalities.__getitem__)
+    sparse[data.splits["train"][0], 0] = 10**9
+    sparse[data.splits["train"][0] + 30, last] = data.cardinalities[last]
+    bad = changed(data, sparse=sparse)
+    torch.manual_seed(0)
+    table = build_table({"type": "hashing.v1", "num_buckets": 4}, bad.cardinalities, 4)
+    assert table.id_limits()[0] == -1 and table.id_limits()[last] == bad.cardinalities[last]
+    model = build_model({"type": "fm.v1"}, table, bad.num_dense)
+    with pytest.raises(IdError, match=rf"split 'train' row 30 .* field '{bad.field_names[last]}'"):
+        train(model, bad, TrainConfig(epochs=1, batch_size=512, progress=False))

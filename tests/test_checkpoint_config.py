@@ -99,3 +99,25 @@ def test_every_table_saves_plain_options_that_match_on_reload(name):
     assert extra["options"]["embedding_dim"] == table.embedding_dim
     twin = make_table(name)
     twin.load_state_dict(state)
+
+
+def test_a_refused_checkpoint_leaves_the_table_untouched():
+    torch.manual_seed(0)
+    saved = QREmbedding([100, 200], 8, operation="mult").state_dict()
+    torch.manual_seed(1)
+    mine = QREmbedding([100, 200], 8, operation="add")
+    before = {k: v.clone() for k, v in mine.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="operation"):
+        mine.load_state_dict(saved)
+    assert all(torch.equal(v, mine.state_dict()[k]) for k, v in before.items())
+
+
+def test_id_limits_follow_a_load_made_after_a_forward():
+    hashed = HashingEmbedding([100, 5], 4, num_buckets=8, hash_small_fields=True)  # field 1 hashed: any id
+    direct = HashingEmbedding([100, 5], 4, num_buckets=8)  # field 1 stored directly: ids < 5
+    direct(torch.tensor([[1, 1]]))  # caches the id limits
+    state = {k: v for k, v in hashed.state_dict().items() if not k.endswith("_extra_state")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct.load_state_dict(state)
+    assert torch.equal(direct(torch.tensor([[1, 7]])), hashed(torch.tensor([[1, 7]])))
