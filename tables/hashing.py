@@ -165,7 +165,7 @@ class HashingEmbedding(CompressedEmbedding):
         if shared:
             return BudgetKnob("num_buckets", 1, None, lambda m: {"num_buckets": int(m)})
         cards = as_cardinalities(cardinalities)
-        k = frequent if isinstance(frequent, int) and frequent > 0 else 0
+        k = check_int("frequent", frequent, lo=0, owner=cls)
         rest = [n - min(k, n) for n in cards]
         hashed = [r for r in rest if r > 0]
 

@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from embcompress import MODELS, TABLES, build_table, list_models, list_tables
 from embcompress.budget import check_budget
@@ -266,3 +267,12 @@ def test_synthetic_config_is_typed(options, match):
 
     with pytest.raises(ValueError, match=match):
         SyntheticConfig(**options)
+
+
+def test_a_numpy_frequent_count_shapes_the_budget_like_an_int():
+    from embcompress.tables import HashingEmbedding
+
+    cards = [1000, 300]
+    a = HashingEmbedding.from_budget(cards, 8, budget_bytes=8_000, frequent=50)
+    b = HashingEmbedding.from_budget(cards, 8, budget_bytes=8_000, frequent=np.int64(50))
+    assert torch.equal(a.rows, b.rows) and a.memory_report().total_bytes == b.memory_report().total_bytes
