@@ -270,7 +270,7 @@ def _method(table, **extra):
     ({"train": {"epochs": 1}, "tune": {"lr": [0.01, True]}},
      r"suite.yaml: tune.lr\[1\]: expected a finite number, got True"),
     ({"data": {"synthetic": {"rows": 2000, "seed": -1}}},
-     r"suite.yaml: data.synthetic.seed: expected a non-negative int, got -1"),
+     r"suite.yaml: data.synthetic: SyntheticConfig: seed must be a non-negative int, got -1"),
     ({"data": {"synthetic": {"rows": "2000"}}}, r"suite.yaml: data.synthetic.rows: expected an int, got '2000'"),
     ({"data": {"synthetic": {"rows": 2000, "click_rate": 2}}},
      r"suite.yaml: data.synthetic: SyntheticConfig: click_rate must be a finite number in \(0, 1\), got 2"),
