@@ -88,7 +88,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import prepared
-from .prepared import FORMATS, MANIFEST, read_manifest
+from .prepared import FORMATS, MANIFEST, check_input_files, read_manifest, utf8_error
 from .prepared import write_json_atomic as _write_json_atomic
 
 try:  # pandas' khash tables (a dependency already): O(1) counting and lookups; numpy sort/search otherwise
@@ -209,15 +209,6 @@ def _read_strings(buf: bytes, names: Sequence[str], *, delimiter: str, quote_cha
             raise
         return None, 0
     return table, rejected[0]
-
-
-def utf8_error(line: bytes) -> UnicodeDecodeError | None:
-    """The decoding error of a line that is not valid UTF-8, else None."""
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return err
-    return None
 
 
 class _Block:
@@ -551,15 +542,6 @@ class _Counter:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def check_input_files(paths: Sequence[Path]) -> None:
-    """Each input must be an existing regular file (a folder is named as such, not as missing)."""
-    for p in paths:
-        if p.is_dir():
-            raise ValueError(f"input {str(p)!r} is a directory; expected a file")
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {str(p)!r} does not exist")
-
-
 def _uint_dtype(max_id: int) -> np.dtype:
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
         if max_id <= np.iinfo(dt).max:
@@ -662,52 +644,36 @@ def prepare_criteo(
     sources = [{"path": str(p.resolve()), "name": p.name, "bytes": p.stat().st_size} for p in paths]
 
     block_bytes = max(1, block_rows * 200)  # ~200 bytes per Criteo line; blocks end at a newline
-    skipped = {"total": 0, "by_reason": {}, "first": []}
+    bad_lines = prepared.BadLines(on_bad_line, "use on_bad_line='skip' (--on-bad-line skip) to drop such lines")
 
     def accept(block: _Block, path: Path) -> None:
         for line, reason, detail in block.bad:
-            if on_bad_line == "error":
-                raise ValueError(f"{path}: line {line}: bad line ({reason}: {detail}); "
-                                 "use on_bad_line='skip' (--on-bad-line skip) to drop such lines")
-            skipped["total"] += 1
-            skipped["by_reason"][reason] = skipped["by_reason"].get(reason, 0) + 1
-            if len(skipped["first"]) < 10:
-                skipped["first"].append(f"{path.name}:{line}")
+            bad_lines.add(path, line, reason, f"bad line ({reason}: {detail})")
 
     # pass 1: validate, decode, count, hash; the decoded rows are spilled to a temporary file for pass 2
     fields = SPARSE_FIELDS + (BUCKET_FIELDS if dense_buckets else ())
-    counters = [_Counter() for _ in fields]
-    with prepared.locked(out, progress):
-        # the output folder: reuse an identical data set, refuse another one, or pick where to write
-        with prepared.os_errors(out):
-            target = prepared.target(out, "embcompress-criteo", options, sources, paths, force=force,
-                                     option_defaults=_OPTION_DEFAULTS, progress=progress)
-        if target.done is not None:
-            return target.done
-        try:
-            with prepared.os_errors(out, target.failed_note()), _spill_folder(out, progress) as spill_dir:
-                if on_bad_line == "error":  # every line valid, each at most 496 bytes, is >= 160 spilled bytes
-                    prepared.check_free_space(spill_dir, sum(s["bytes"] for s in sources) * 160 // 496,
-                                              "the temporary decoded rows of pass 1 (160 bytes a row)")
-                return _prepare(paths, target, sources, options, skipped, accept, counters, spill_dir,
-                                block_bytes, fields, progress, t0)
-        except BaseException:
-            target.discard()
-            raise
+
+    def build(target: prepared.Target) -> dict:
+        with _spill_folder(out) as spill_dir:
+            if on_bad_line == "error":  # every line valid, each at most 496 bytes, is >= 160 spilled bytes
+                prepared.check_free_space(spill_dir, sum(s["bytes"] for s in sources) * 160 // 496,
+                                          "the temporary decoded rows of pass 1 (160 bytes a row)")
+            return _prepare(paths, target, sources, options, bad_lines.skipped, accept,
+                            [_Counter() for _ in fields], spill_dir, block_bytes, fields, progress, t0)
+
+    # the output folder: reuse an identical data set, refuse another one, or pick where to write
+    return prepared.prepare_into(out, "embcompress-criteo", options, sources, paths, build, force=force,
+                                 option_defaults=_OPTION_DEFAULTS, progress=progress)
 
 
 @contextlib.contextmanager
-def _spill_folder(out: Path, progress: bool) -> Iterator[Path]:
+def _spill_folder(out: Path) -> Iterator[Path]:
     """The temporary folder beside ``out`` for pass 1's decoded blocks, removed on exit.
 
-    Its name is fixed per output folder; it is made under the lock of :func:`embcompress.prepared.locked`, so
-    a folder left by a killed run is recognised (nobody holds the lock) and removed here.
+    Its name is fixed per output folder; it is made under the lock of :func:`embcompress.prepared.locked`,
+    whose recovery has removed a folder left by a killed run (nobody held the lock).
     """
     spill = prepared.side_paths(out)["spill"]
-    if spill.exists():
-        if progress:
-            print(f"removing {spill}, left by an interrupted run", flush=True)
-        shutil.rmtree(spill)
     spill.mkdir()
     try:
         yield spill
@@ -801,8 +767,11 @@ def _prepare(paths, target, sources, options, skipped, accept, counters, spill_d
     row_bytes = 4 + 4 * len(DENSE_FIELDS) + sparse_dtype.itemsize * len(fields)
     row_bytes += _uint_dtype(n_rows).itemsize if split == "random" else 0
     vocab_bytes = 8 * sum(len(v) for v in vocabs) + 128 * len(fields)
+    # over a run killed in pass 2, its arrays and vocabularies are truncated or removed before ours are written
     prepared.check_free_space(out, n_rows * row_bytes + vocab_bytes + 128 * 4,
-                              f"the arrays of {n_rows:,} rows ({row_bytes} bytes a row) and the vocabularies")
+                              f"the arrays of {n_rows:,} rows ({row_bytes} bytes a row) and the vocabularies",
+                              replaces=[out / f for f in ("labels.npy", "dense.npy", "sparse.npy", "row_order.npy",
+                                                          "vocab")])
     target.begin()
     _write_json_atomic(out / MANIFEST, manifest)  # complete: false until every array is written
     (out / "vocab").mkdir(exist_ok=True)

@@ -73,8 +73,8 @@ from pathlib import Path
 import numpy as np
 
 from . import prepared
-from .criteo import _raw_blocks, _read_strings, _uint_dtype, check_input_files, load_criteo, utf8_error
-from .prepared import write_json_atomic
+from .criteo import _raw_blocks, _read_strings, _uint_dtype, load_criteo
+from .prepared import check_input_files, utf8_error, write_json_atomic
 
 __all__ = ["CSVSpec", "LabelSpec", "SplitSpec", "load_csv", "load_spec", "parse_comparison", "prepare_csv"]
 
@@ -269,19 +269,14 @@ class _Reader:
     def __init__(self, spec: CSVSpec, paths: Sequence[Path], block_rows: int, report: bool = True):
         self.spec, self.paths, self.block_bytes = spec, paths, max(1, block_rows * 64)
         self.report = report  # False in pass 2: the bad lines were raised or counted in pass 1
-        self.skipped = {"total": 0, "by_reason": {}, "first": []}
+        self.bad_lines = prepared.BadLines(spec.on_bad_line, "use on_bad_line: skip to drop such lines")
+        self.skipped = self.bad_lines.skipped
         self.names: tuple[str, ...] | None = tuple(spec.columns) if spec.columns else None
         self.rule = parse_comparison(spec.label.positive) if spec.label.positive is not None else None
 
     def bad(self, path: Path, line: int, reason: str, detail: str) -> None:
-        if not self.report:
-            return
-        if self.spec.on_bad_line == "error":
-            raise ValueError(f"{path}: line {line}: {detail}; use on_bad_line: skip to drop such lines")
-        self.skipped["total"] += 1
-        self.skipped["by_reason"][reason] = self.skipped["by_reason"].get(reason, 0) + 1
-        if len(self.skipped["first"]) < 10:
-            self.skipped["first"].append(f"{path.name}:{line}")
+        if self.report:
+            self.bad_lines.add(path, line, reason, detail)
 
     def _header(self, path: Path, buf: bytes) -> tuple[bytes, int]:
         """The block without its header line (checked), and the number of the first line after it."""
@@ -460,17 +455,10 @@ def prepare_csv(spec: CSVSpec | str | os.PathLike, out_dir: str | os.PathLike, *
     out = Path(out_dir)
     options = {**_jsonable(asdict(spec)), "files": [str(p.resolve()) for p in paths]}
     sources = [{"path": str(p.resolve()), "name": p.name, "bytes": p.stat().st_size} for p in paths]
-    with prepared.locked(out, progress):  # the same lock, reuse and swap rules as Criteo preparation
-        with prepared.os_errors(out):
-            target = prepared.target(out, FORMAT, options, sources, paths, force=force, progress=progress)
-        if target.done is not None:
-            return target.done
-        try:
-            with prepared.os_errors(out, target.failed_note()):
-                return _prepare(spec, paths, options, sources, target, block_rows, progress, t0)
-        except BaseException:
-            target.discard()
-            raise
+    # the same lock, reuse and swap rules as Criteo preparation
+    return prepared.prepare_into(
+        out, FORMAT, options, sources, paths, force=force, progress=progress,
+        build=lambda target: _prepare(spec, paths, options, sources, target, block_rows, progress, t0))
 
 
 def vocab_file(position: int) -> str:
@@ -478,13 +466,23 @@ def vocab_file(position: int) -> str:
     return f"field_{position:03d}.json"
 
 
+def _plain_file_name(name) -> bool:
+    """A name that stays one file in its folder: no separator of this OS (``a\\b`` is a legal POSIX name, which
+    version 1 wrote), no NUL, not absolute, not empty, ``.`` or ``..``."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "\x00" in name:
+        return False
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return not any(sep in name for sep in seps) and not os.path.isabs(name) and not os.path.splitdrive(name)[0]
+
+
 def read_vocab(out_dir: str | os.PathLike, manifest: dict, position: int) -> list[str]:
     """The value strings, in id order, of the categorical field at ``position`` of a prepared CSV data set."""
     name = manifest["schema"]["sparse"][position]
     if manifest.get("version", 1) < 2:  # written before vocabularies were stored by position
-        if not isinstance(name, str) or re.search(r"[/\\\x00]", name) or name in ("", ".", ".."):
-            raise ValueError(f"{out_dir}: a version-1 data set whose column name {name!r} is not a plain file name; "
-                             "prepare it again")
+        if not _plain_file_name(name):
+            raise ValueError(f"{out_dir}: a version-1 data set whose column name {name!r} is not a plain file name "
+                             "(its vocabulary file is not opened); rebuild it with --force "
+                             "(`embcompress data csv SPEC --out DIR --force`, or prepare_csv(..., force=True))")
         path = Path(out_dir) / "vocab" / f"{name}.json"
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -572,8 +570,10 @@ def _prepare(spec: CSVSpec, paths: list[Path], options: dict, sources: list[dict
              "row_order": ((n_rows,), _uint_dtype(n_rows))}
     row_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize for shape, dt in files.values())
     vocab_bytes = sum(v.nbytes + 4 * len(v) for v in vocabs)  # about: the strings, quoted, comma-separated
+    # over a run killed in pass 2, its arrays and vocabularies are truncated or removed before ours are written
     prepared.check_free_space(out, n_rows * row_bytes + vocab_bytes + 128 * len(files),
-                              f"the arrays of {n_rows:,} rows ({row_bytes} bytes a row) and the vocabularies")
+                              f"the arrays of {n_rows:,} rows ({row_bytes} bytes a row) and the vocabularies",
+                              replaces=[out / f"{k}.npy" for k in files] + [out / "vocab"])
     target.begin()
     write_json_atomic(out / MANIFEST, manifest)  # complete: false until every array is written
     (out / "vocab").mkdir(exist_ok=True)

@@ -4,19 +4,27 @@
 
 * **Lock.** A lock file ``.<out name>.embcompress-spill.lock`` beside ``out`` is held (``flock``) while a
   preparation runs: a second preparation of the same ``out`` is refused, and what a killed run left beside
-  ``out`` (whose lock nobody holds) is cleaned up by the next run.
+  ``out`` (whose lock nobody holds: an aside build, a half-done swap, pass 1's temporary rows) is cleaned up
+  by the next run, whatever it then does. The holder removes the lock file when it ends; a run that opened
+  the file just before that removal locks a file no longer at the path, so after ``flock`` the open file must
+  still be the one at the path, else the run opens the path again.
 * **Reuse.** ``out`` holding a complete data set of the same format, options and inputs (names, sizes and
   sha256 of the input files, which costs one read of the inputs) is not rebuilt: the preparation returns its
   manifest with ``already_prepared: True``. ``force=True`` (``--force``) rebuilds it. A data set of other
   options or inputs is refused unless ``force``; a non-empty folder without ``manifest.json`` is always refused.
+  Where the lock cannot be created because the folder beside ``out`` is read-only (``EROFS``, ``EACCES``,
+  ``EPERM``), a finished identical data set is still recognised (read without the lock, nothing written);
+  anything else to do is the one-line error about the lock.
 * **Rebuild aside.** A rebuild over a complete data set is written to ``.<out name>.embcompress-new`` beside
   ``out`` and swapped in at the end (``out`` -> ``.<out name>.embcompress-old``, new -> ``out``, old removed),
   so a kill or an error leaves the old data set intact until the new one is complete. A kill between the two
   renames is repaired by the next run (the new folder is put in place if complete, else the old one is put
   back). A fresh folder, or one left incomplete by a killed run, is written in place: it holds
   ``manifest.json`` with ``complete: false`` until the end, so an interrupted run stays recognisable.
+  ``out`` that is a mount point cannot be renamed, so a rebuild aside of it is refused before any work.
 * **Disk space and write errors.** Free space (``shutil.disk_usage``) is checked against what will be written
-  before it is written, and the memory-mapped outputs are allocated (``posix_fallocate``) before they are
+  before it is written (counting as free the files of an earlier run in the folder that the write replaces),
+  and the memory-mapped outputs are allocated (``posix_fallocate``) before they are
   mapped: a full disk is then an ``OSError`` at allocation, not a ``SIGBUS`` at the first unbacked page.
   Every ``OSError`` met while preparing becomes one :class:`OutputError` line naming the file (or folder) and
   the error.
@@ -43,9 +51,9 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock; leftovers are still removed
     fcntl = None
 
-__all__ = ["OutputError", "DataWarning", "Target", "locked", "target", "check_free_space", "allocate",
-           "os_errors", "naming", "write_json_atomic", "read_manifest", "sha256_file", "combined_sha256", "SplitLabels",
-           "MANIFEST", "FORMATS"]
+__all__ = ["OutputError", "DataWarning", "Target", "BadLines", "prepare_into", "locked", "target",
+           "check_free_space", "allocate", "os_errors", "naming", "write_json_atomic", "read_manifest", "sha256_file",
+           "combined_sha256", "check_input_files", "utf8_error", "SplitLabels", "MANIFEST", "FORMATS"]
 
 MANIFEST = "manifest.json"
 #: on-disk formats of a prepared data set: Criteo TSV, and any CSV through a spec (embcompress.csvdata)
@@ -58,6 +66,46 @@ class OutputError(ValueError):
 
 class DataWarning(UserWarning):
     """A prepared data set that is valid but likely not what was meant (e.g. a split without positives)."""
+
+
+class _LockUnwritable(OutputError):
+    """The lock file cannot be created: the folder beside the output is read-only (or not ours to write)."""
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def check_input_files(paths: Sequence[Path]) -> None:
+    """Each input must be an existing regular file (a folder is named as such, not as missing)."""
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"input {str(p)!r} is a directory; expected a file")
+        if not p.is_file():
+            raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+
+
+def utf8_error(line: bytes) -> UnicodeDecodeError | None:
+    """The decoding error of a line that is not valid UTF-8, else None."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err
+    return None
+
+
+class BadLines:
+    """Bad input lines: ``on_bad_line="error"`` raises the first (file, 1-based line, ``detail``, then ``hint``);
+    ``"skip"`` counts them in ``skipped`` (the manifest's: total, per reason, the first 10 as ``file:line``)."""
+
+    def __init__(self, on_bad_line: str, hint: str):
+        self.on_bad_line, self.hint = on_bad_line, hint
+        self.skipped = {"total": 0, "by_reason": {}, "first": []}
+
+    def add(self, path: Path, line: int, reason: str, detail: str) -> None:
+        if self.on_bad_line == "error":
+            raise ValueError(f"{path}: line {line}: {detail}; {self.hint}")
+        self.skipped["total"] += 1
+        self.skipped["by_reason"][reason] = self.skipped["by_reason"].get(reason, 0) + 1
+        if len(self.skipped["first"]) < 10:
+            self.skipped["first"].append(f"{path.name}:{line}")
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -143,11 +191,30 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse to write ``needed`` bytes into ``folder`` (or its nearest existing parent) when they do not fit."""
+def _allocated(path: Path) -> int:
+    """Disk bytes of a file, or of the files under a folder (0 if missing): what removing or truncating frees."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if os.path.isdir(path) and not os.path.islink(path):
+        return sum(_allocated(Path(root) / f) for root, _, files in os.walk(path) for f in files)
+    return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+
+
+def check_free_space(folder: Path, needed: int, what: str, replaces: Sequence[Path] = ()) -> None:
+    """Refuse to write ``needed`` bytes into ``folder`` (or its nearest existing parent) when they do not fit.
+
+    ``replaces``: files (or folders) already there that the write truncates or removes before it writes its
+    own, e.g. the arrays of a run killed in pass 2: their bytes count as free, else such a run could not be
+    redone in place on a disk that holds the data set once. (Allocation still catches what this misses.)
+    """
     free = shutil.disk_usage(_existing_ancestor(folder)).free
-    if needed > free:
-        raise OutputError(f"{folder}: not enough free disk space for {what}: {needed:,} bytes needed, {free:,} free")
+    reusable = sum(_allocated(p) for p in replaces)
+    if needed > free + reusable:
+        also = f" (+ {reusable:,} in the files it replaces)" if reusable else ""
+        raise OutputError(f"{folder}: not enough free disk space for {what}: {needed:,} bytes needed, {free:,} "
+                          f"free{also}")
 
 
 def allocate(path: Path) -> None:
@@ -187,8 +254,13 @@ def _complete(folder: Path) -> bool:
 
 
 def _recover(out: Path, progress: bool) -> None:
-    """Under the lock: finish or undo a swap a kill interrupted, and drop an unfinished aside build."""
+    """Under the lock: finish or undo a swap a kill interrupted, drop an unfinished aside build and pass 1's
+    temporary rows (GBs at Kaggle scale) of a killed run, whatever this run then does."""
     side, out = side_paths(out), _real(out)
+    if side["spill"].exists():
+        if progress:
+            print(f"removing {side['spill']}, left by an interrupted run", flush=True)
+        shutil.rmtree(side["spill"])
     if side["old"].exists():
         if not out.exists():  # killed between the two renames of a swap
             keep = "new" if side["new"].exists() and _complete(side["new"]) else "old"
@@ -204,29 +276,90 @@ def _recover(out: Path, progress: bool) -> None:
         shutil.rmtree(side["new"])
 
 
+_READ_ONLY = (errno_.EROFS, errno_.EACCES, errno_.EPERM)
+
+
+def _open_lock(lock_path: Path):
+    try:
+        with os_errors(lock_path.parent, "the folder beside the output must be writable (it holds the lock)"):
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            return open(lock_path, "a+b")
+    except OutputError as err:
+        if isinstance(err.__cause__, OSError) and err.__cause__.errno in _READ_ONLY:
+            raise _LockUnwritable(str(err)) from err.__cause__
+        raise
+
+
+def _acquire(out: Path, lock_path: Path):
+    """The lock file, open and locked. A holder removes the file when it ends: a run that opened it just before
+    locks a file no longer at the path (while a third run locks a new one), so it opens the path again."""
+    while True:
+        lock = _open_lock(lock_path)
+        if fcntl is None:
+            return lock
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ValueError(f"another preparation of {out} is running (it holds {lock_path}); wait for it "
+                             "to finish or stop it") from None
+        held = os.fstat(lock.fileno())
+        try:
+            at_path = os.stat(lock_path)
+        except FileNotFoundError:
+            at_path = None
+        if at_path is not None and (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino):
+            return lock
+        lock.close()  # a removed lock file: locking it excludes nobody
+
+
 @contextlib.contextmanager
 def locked(out: Path, progress: bool = False) -> Iterator[None]:
     """Hold the lock of a preparation of ``out`` (refused if another run holds it); tidy up after killed runs."""
     lock_path = side_paths(out)["lock"]
-    with os_errors(lock_path.parent, "the folder beside the output must be writable (it holds the lock)"):
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(lock_path, "a+b")
+    lock = _acquire(out, lock_path)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"another preparation of {out} is running (it holds {lock_path}); wait for it "
-                                 "to finish or stop it") from None
         try:
             with os_errors(out):
                 _recover(out, progress)
             yield
         finally:
             with contextlib.suppress(OSError):
-                lock_path.unlink()
+                lock_path.unlink()  # while still locked: see _acquire
     finally:
         lock.close()
+
+
+def prepare_into(out: Path, fmt: str, options: dict, sources: list[dict], paths: Sequence[Path], build, *,
+                 force: bool, option_defaults: dict | None = None, progress: bool = False) -> dict:
+    """Run ``build(target) -> manifest`` under the lock of ``out``, unless ``out`` holds this data set already.
+
+    :func:`target` decides where ``build`` writes (``target.build``); an ``OSError`` it meets is one
+    :class:`OutputError` line, and an aside build it leaves after an error is removed.
+    """
+    try:
+        with locked(out, progress):
+            with os_errors(out):
+                t = target(out, fmt, options, sources, paths, force=force, option_defaults=option_defaults,
+                           progress=progress)
+            if t.done is not None:
+                return t.done
+            try:
+                with os_errors(out, t.failed_note()):
+                    return build(t)
+            except BaseException:
+                t.discard()
+                raise
+    except _LockUnwritable:
+        # a read-only folder: a finished identical data set is still "already prepared" (read only); a failed
+        # check (other data set, incomplete, unreadable) says nothing the lock error does not: that one is raised
+        if not force:
+            with contextlib.suppress(OSError, ValueError):
+                done = target(out, fmt, options, sources, paths, force=False, option_defaults=option_defaults,
+                              progress=progress).done
+                if done is not None:
+                    return done
+        raise
 
 
 class Target:
@@ -321,6 +454,11 @@ def target(out: Path, fmt: str, options: dict, sources: list[dict], paths: Seque
                              "choose another --out, or --force (force=True) to replace it")
         return Target(out, out, done={**m, "already_prepared": True})
     if complete:  # written beside out (whose parent holds the lock: writable), swapped in at the end
+        if os.path.ismount(_real(out)):  # the rename of the swap would fail (EBUSY) after all the work
+            raise OutputError(f"{out} is a mount point: a rebuild (--force) is written beside the folder, in "
+                              f"{side_paths(out)['new']}, and swapped in by renaming, which a mount point cannot "
+                              f"be; prepare the data set into a subfolder of the mount (e.g. {out / 'data'}), or "
+                              "empty the folder and prepare it again")
         if progress:
             print(f"rebuilding {out} in {side_paths(out)['new']}: the old data set stays until the new one is "
                   "complete", flush=True)
@@ -365,4 +503,5 @@ class SplitLabels:
         manifest["split_positives"] = self.counts()
         manifest["warnings"] = self.warnings()
         for w in manifest["warnings"]:
-            warnings.warn(w, DataWarning, stacklevel=4)  # the caller of prepare_criteo / prepare_csv
+            # the caller of prepare_criteo / prepare_csv (through prepare_into, the build function and _prepare)
+            warnings.warn(w, DataWarning, stacklevel=6)

@@ -3,6 +3,8 @@ column names that look like paths, overflowing numbers, reruns over a finished d
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -293,8 +295,9 @@ def test_non_finite_label_rule_is_refused(tmp_path):
 
 def test_split_without_positives_warns_and_is_recorded(tmp_path, capsys):
     spec = _csv(tmp_path, _rows(), label={"column": "rating", "positive": ">= 100"})
-    with pytest.warns(DataWarning, match=r"split 'train' has no positive"):
+    with pytest.warns(DataWarning, match=r"split 'train' has no positive") as caught:
         m = prepare_csv(spec, tmp_path / "o")
+    assert {w.filename for w in caught} == {__file__}  # the warning points at the caller of prepare_csv
     assert any("'train' has no positive" in w for w in m["warnings"])
     assert read_manifest(tmp_path / "o")["warnings"] == m["warnings"]
     assert m["split_positives"] == {"train": 0, "val": 0, "test": 0}
@@ -433,3 +436,159 @@ def test_a_manifest_that_is_not_an_object_names_the_file(tmp_path, text):
         prepare_criteo(src, tmp_path / "o", force=True)
     with pytest.raises(ValueError, match=r"o/manifest\.json: "):
         prepare_csv(_csv(tmp_path, _rows()), tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------ review of the fixes above
+def _prepare(kind: str, tmp_path: Path):
+    """A preparation of a small data set into a given folder: Criteo (a.tsv) or CSV (spec.yaml)."""
+    if kind == "criteo":
+        src = _tsv(tmp_path / "a.tsv")
+        return lambda out, **kw: prepare_criteo(src, out, **kw)
+    spec = load_spec(_csv(tmp_path, _rows()))
+
+    def prep(out, min_count=1, **kw):
+        return prepare_csv(dataclasses.replace(spec, min_count=min_count), out, **kw)
+
+    return prep
+
+
+@pytest.mark.parametrize("kind", ["criteo", "csv"])
+def test_redo_in_place_counts_the_files_it_replaces_as_free(tmp_path, monkeypatch, kind):
+    prep = _prepare(kind, tmp_path)
+    out = tmp_path / "o"
+    prep(out)
+    m = read_manifest(out)
+    m["complete"] = False  # what a kill in pass 2 leaves: the arrays allocated, the manifest incomplete
+    (out / "manifest.json").write_text(json.dumps(m))
+    # 100 bytes free beside the old arrays (pass 1's temporary rows fit): the data set fits only in their place
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(10**9, 0, 10**9 if "-spill" in str(p) else 100))
+    with pytest.raises(OutputError, match=r"not enough free disk space .* bytes needed, 100 free"):
+        prep(tmp_path / "fresh")
+    m = prep(out)
+    assert m["complete"] is True and "already_prepared" not in m
+
+
+def test_stale_spill_folder_is_removed_by_any_next_run(tmp_path):
+    src = _tsv(tmp_path / "a.tsv")
+    spec = _csv(tmp_path, _rows())
+    prepare_criteo(src, tmp_path / "o")
+    prepare_csv(spec, tmp_path / "c")
+    runs = [lambda: prepare_criteo(src, tmp_path / "o"),  # already prepared
+            lambda: prepare_criteo(src, tmp_path / "o", min_count=2),  # refused: other options
+            lambda: prepare_csv(spec, tmp_path / "o"),  # refused: another data set, by the CSV pipeline
+            lambda: prepare_csv(spec, tmp_path / "c")]  # a CSV data set already prepared
+    for k, run in enumerate(runs):
+        spill = tmp_path / (".c.embcompress-spill" if k == 3 else ".o.embcompress-spill")
+        spill.mkdir()
+        (spill / "rows.bin").write_bytes(b"\0" * 4096)  # what a run killed in pass 1 leaves (nobody holds the lock)
+        with contextlib.suppress(ValueError):
+            run()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tsv", "c", "o", "r.csv", "spec.yaml"], k
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_a_lock(tmp_path, monkeypatch):
+    """A run that opened the lock file just before its holder removed it must not lock that orphan while a
+    third run locks the file now at the path: two holders."""
+    fcntl = pytest.importorskip("fcntl")
+    import embcompress.prepared as prepared
+
+    out = tmp_path / "o"
+    lock_path = prepared.side_paths(out)["lock"]
+    real_flock = fcntl.flock
+    third = []
+
+    def racing_flock(fd, op):
+        if not third:  # between this run's open and its flock: the holder ends, another run starts
+            lock_path.unlink()
+            third.append(open(lock_path, "a+b"))
+            real_flock(third[0].fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real_flock(fd, op)
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path.touch()
+    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    with pytest.raises(ValueError, match=r"another preparation of .*\bo is running"):
+        with prepared.locked(out):
+            pass
+    third[0].close()
+    monkeypatch.undo()
+    with prepared.locked(out):
+        assert lock_path.exists()
+    assert not lock_path.exists()
+
+
+@pytest.mark.parametrize("kind", ["criteo", "csv"])
+def test_forced_rebuild_of_a_mount_point_fails_before_any_work(tmp_path, monkeypatch, kind):
+    import embcompress.csvdata as csvdata
+
+    prep = _prepare(kind, tmp_path)
+    out = tmp_path / "o"
+    prep(out)
+    before = (out / "sparse.npy").read_bytes()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == str(out) or real_ismount(p))
+
+    def no_pass_1(*_a, **_kw):
+        raise AssertionError("pass 1 ran")
+
+    monkeypatch.setattr(criteo if kind == "criteo" else csvdata, "_prepare", no_pass_1)
+    with pytest.raises(OutputError, match=r"\bo is a mount point: a rebuild \(--force\) is written beside .*"
+                                          r"subfolder of the mount"):
+        prep(out, force=True)
+    assert (out / "sparse.npy").read_bytes() == before
+    assert prep(out)["already_prepared"] is True  # not a rebuild: a mount point is fine
+
+
+@pytest.mark.skipif(os.sep != "/", reason="a backslash is a path separator here")
+def test_version_1_csv_data_set_with_a_backslash_column(tmp_path):
+    (tmp_path / "r.csv").write_text("a\\b,y\n" + "".join(f"u{i % 3},{i % 2}\n" for i in range(20)))
+    (tmp_path / "spec.yaml").write_text("files: [r.csv]\nlabel: y\ncategorical: ['a\\b']\n")
+    out = tmp_path / "o"
+    prepare_csv(tmp_path / "spec.yaml", out)
+    m = read_manifest(out)  # as embcompress before the vocabularies by position wrote it: vocab/<column>.json
+    values = json.loads((out / "vocab" / "field_000.json").read_text())["values"]
+    (out / "vocab" / "field_000.json").unlink()
+    (out / "vocab" / "a\\b.json").write_text(json.dumps(values))
+    m["version"] = 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert criteo.load_vocab(out, 0).tolist() == values  # a legal POSIX file name: read
+    m["schema"]["sparse"][0] = "../b"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"column name '../b' is not a plain file name.*rebuild it with --force"):
+        criteo.load_vocab(out, 0)
+
+
+@pytest.mark.parametrize("kind", ["criteo", "csv"])
+def test_read_only_folder_rerun_over_a_finished_data_set_is_already_prepared(tmp_path, monkeypatch, kind):
+    import embcompress.prepared as prepared
+
+    prep = _prepare(kind, tmp_path)
+    out = tmp_path / "o"
+    prep(out)
+    real_open = open
+
+    def read_only(path, *a, **kw):  # a read-only file system: the lock file cannot be opened for writing
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(prepared, "open", read_only, raising=False)
+    assert prep(out)["already_prepared"] is True
+    for kw in ({"force": True}, {"min_count": 2}):  # anything to write: the one-line error about the lock
+        with pytest.raises(OutputError, match=r"\.o\.embcompress-spill\.lock: Read-only file system \(EROFS\)"):
+            prep(out, **kw)
+    with pytest.raises(OutputError, match=r"Read-only file system"):
+        prep(tmp_path / "new")
+
+
+def test_bad_lines_shared_counter():
+    from embcompress import csvdata, prepared
+
+    assert criteo.utf8_error is prepared.utf8_error and csvdata.check_input_files is prepared.check_input_files
+    bad = prepared.BadLines("skip", "hint")
+    for line in range(12):
+        bad.add(Path("d/f.csv"), line + 1, "dense" if line % 2 else "label", "detail")
+    assert bad.skipped == {"total": 12, "by_reason": {"label": 6, "dense": 6},
+                           "first": [f"f.csv:{k}" for k in range(1, 11)]}
+    with pytest.raises(ValueError, match=r"^d/f\.csv: line 3: bad value; use skip$"):
+        prepared.BadLines("error", "use skip").add(Path("d/f.csv"), 3, "dense", "bad value")
