@@ -235,17 +235,21 @@ class CompressedEmbedding(nn.Module):
         *,
         mode: str = "sum",
         weights: torch.Tensor | None = None,
+        bag_fields: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pool multi-hot bags: ``values`` ``LongTensor[N]`` with ``lengths`` ``LongTensor[F, B]`` -> ``[B, F, D]``.
 
         ``values`` are laid out field-major, like a ``KeyedJaggedTensor``: all bags of field 0 (samples 0..B-1),
         then field 1, and so on. Each id is embedded on its own and the vectors are then pooled (sum, or mean
         over the bag; empty bags give zeros), optionally weighted by ``weights`` ``FloatTensor[N]``.
+        ``bag_fields`` ``LongTensor[K]`` lets ``K`` features read fields of this table (several features may
+        share one): ``lengths`` is then ``[K, B]`` and the result ``[B, K, D]``.
         """
         if mode not in POOLING_MODES:
             raise self._fail(f"mode must be one of {POOLING_MODES}, got {mode!r}")
-        if lengths.dim() != 2 or lengths.shape[0] != self.num_fields:
-            raise self._fail(f"lengths must have shape [{self.num_fields}, B], got {list(lengths.shape)}")
+        rows = self.num_fields if bag_fields is None else bag_fields.numel()
+        if lengths.dim() != 2 or lengths.shape[0] != rows:
+            raise self._fail(f"lengths must have shape [{rows}, B], got {list(lengths.shape)}")
         lengths = lengths.long()
         check = id_check_mode(values.device)
         if check == "raise":
@@ -268,7 +272,7 @@ class CompressedEmbedding(nn.Module):
         # output_size: the sizes are known, so repeat_interleave need not read lengths back from the device.
         bag = torch.repeat_interleave(torch.arange(num_fields * batch, device=values.device), lengths.reshape(-1),
                                       output_size=total)
-        fields = positions[bag // batch] if batch else bag
+        fields = (positions if bag_fields is None else bag_fields)[bag // batch] if batch else bag
         vectors = self.embed(self._check_ids(values, fields), fields)
         if weights is not None:
             vectors = vectors * weights.unsqueeze(-1).to(vectors.dtype)
@@ -299,9 +303,18 @@ class CompressedEmbedding(nn.Module):
         return None
 
     # ------------------------------------------------------------------------------------- memory & budget
-    def memory_report(self) -> MemoryReport:
-        """Exact bytes of every parameter and buffer, against the fp32 baseline ``sum(n_f) * D * 4``."""
-        return measure(self, baseline_bytes(self.cardinalities, self.embedding_dim))
+    def memory_report(self, optimizers: Sequence[torch.optim.Optimizer] = ()) -> MemoryReport:
+        """Exact bytes of every parameter and buffer, against the fp32 baseline ``sum(n_f) * D * 4``; with the
+        ``optimizers`` that train the table, the state they hold for it too (training bytes); serving bytes from
+        :meth:`serving_bytes`."""
+        return measure(self, baseline_bytes(self.cardinalities, self.embedding_dim), optimizers=optimizers,
+                       serving=self.serving_bytes())
+
+    def serving_bytes(self) -> int | None:
+        """Bytes of the table this one exports to serve, when it is not itself (``None``: it serves as it is).
+
+        Staged methods override it: OptEmbed's supernet serves its compact export."""
+        return None
 
     @classmethod
     def budget_knob(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> BudgetKnob:

@@ -285,14 +285,18 @@ class FrequencyRanked(CompressedEmbedding):
     def regularization_loss(self) -> torch.Tensor | None:
         return self.inner.regularization_loss()
 
-    def memory_report(self) -> MemoryReport:
+    def memory_report(self, optimizers: Sequence[torch.optim.Optimizer] = ()) -> MemoryReport:
         """The inner table's report plus the remap's buffers (same baseline: the wrapper adds no rows)."""
-        report = self.inner.memory_report()
+        report = self.inner.memory_report(optimizers)
         buffers = Counter(report.buffers)
+        remap = 0
         for t in (self.remap, self.remap_offsets):
             buffers[str(t.dtype).removeprefix("torch.")] += tensor_bytes(t)
+            remap += tensor_bytes(t)
         return MemoryReport(parameters=dict(report.parameters), buffers=dict(buffers),
-                            baseline_bytes=baseline_bytes(self.cardinalities, self.embedding_dim))
+                            baseline_bytes=baseline_bytes(self.cardinalities, self.embedding_dim),
+                            optimizer_state=dict(report.optimizer_state),
+                            serving=None if report.serving is None else report.serving + remap)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, remap={str(self.remap.dtype).removeprefix('torch.')}"

@@ -216,28 +216,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         table = self.embeddings
         if self._identity and self._uniform_mode is not None:  # the common case: the table's own pooling
             return table.forward_bags(values, lengths, mode=self._uniform_mode, weights=weights)
-        if self._identity:
-            pooled = table.forward_bags(values, lengths, mode="sum", weights=weights)
-        else:
-            pooled = self._pool_shared(values, lengths, weights)
+        # Several features may read one field: each bag is embedded with its feature's field.
+        pooled = table.forward_bags(values, lengths, mode="sum", weights=weights,
+                                    bag_fields=None if self._identity else self._feature_field)
         # Mixed pooling: mean features divide their sums by the bag sizes, as forward_bags(mode="mean") does.
         scale = torch.where(self._mean_mask.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
         return pooled / scale.t().unsqueeze(-1).to(pooled.dtype)
-
-    def _pool_shared(self, values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        # Several features read one field: embed each id with its feature's field, sum-pool per (feature, sample).
-        table = self.embeddings
-        num_features, batch = lengths.shape
-        lengths = lengths.long()
-        bag = torch.repeat_interleave(torch.arange(num_features * batch, device=values.device), lengths.reshape(-1))
-        if values.numel() != bag.numel():
-            raise ValueError(f"values must have sum(lengths) = {bag.numel()} entries, got {values.numel()}")
-        fields = self._feature_field[bag // batch] if batch else bag
-        vectors = table.embed(table._check_ids(values, fields), fields)
-        if weights is not None:
-            vectors = vectors * weights.unsqueeze(-1).to(vectors.dtype)
-        pooled = vectors.new_zeros(num_features * batch, table.embedding_dim).index_add(0, bag, vectors)
-        return pooled.view(num_features, batch, table.embedding_dim).transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"method={getattr(self.embeddings, 'registry_name', '?')}, features={self._feature_names}"
