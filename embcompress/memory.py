@@ -102,7 +102,7 @@ class MemoryReport:
             held += f", training {self.training_bytes:,} with optimizer state"
         if self.serving is not None:
             held += f", serving {self.serving_bytes:,}"
-        return f"{held}; baseline {self.baseline_bytes:,}; ratio {self.ratio:.2f}x (baseline / serving bytes)"
+        return f"{held}; baseline {self.baseline_bytes:,}; ratio {self.ratio:.2f}x"
 
 
 def _by_dtype(tensors: Iterable[torch.Tensor]) -> dict[str, int]:

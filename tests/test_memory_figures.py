@@ -42,5 +42,5 @@ def test_only_the_tables_own_parameters_are_counted():
 def test_the_ratio_is_baseline_over_serving_bytes():
     report = MemoryReport(parameters={"float32": 1000}, baseline_bytes=4000, serving=100)
     assert report.total_bytes == 1000 and report.serving_bytes == 100 and report.ratio == 40
-    assert "serving 100" in str(report) and "baseline / serving" in str(report)
+    assert "serving 100" in str(report) and "ratio 40.00x" in str(report)
     assert report.as_dict()["serving_bytes"] == 100
