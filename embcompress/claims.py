@@ -2,7 +2,7 @@
 
 Several ``bench run`` processes may work on one results folder: shards, or two unsharded runs of one suite started
 by hand. Before it trains a run, a process takes the run's claim while it holds the results file's lock
-(:func:`embcompress.bench.run_suite` does this): it reads the results again (a run another process recorded
+(:func:`embcompress.runner.run_suite` does this): it reads the results again (a run another process recorded
 meanwhile is skipped), then looks for the claim file ``.claims/<run key>.json`` beside ``results.jsonl``. A
 claim held by a live process is left alone and the run is skipped here (and said so); a claim whose process is
 gone, killed part-way, is taken over, so a resumed suite runs what the dead one left. The claim file is removed

@@ -29,7 +29,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _write_report(records: list[dict], out: Path, title: str) -> str:
-    from .bench import format_table, plot_results
+    from .plot import plot_results
+    from .report import format_table
 
     table = format_table(records)
     # Written aside and renamed: shards of a suite finishing together each write the report of the same folder.
@@ -56,8 +57,9 @@ def _bench_run_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_run(args: argparse.Namespace) -> int:
-    from .bench import default_suite_path, load_suite, run_suite
     from .distributed import default_backend, init_from_env, is_main_process, launch
+    from .runner import run_suite
+    from .suite import default_suite_path, load_suite
 
     if getattr(args, "nproc", 1) != 1:  # N local processes, each with its share of the CPU threads
         threads = max(1, (os.cpu_count() or 1) // args.nproc)
@@ -78,7 +80,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_report(args: argparse.Namespace) -> int:
-    from .bench import read_results
+    from .results import read_results
 
     results = Path(args.results)
     if not results.is_file():
@@ -90,7 +92,7 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
-    from .bench import json_line
+    from .results import json_line
     from .speed import format_speed, load_speed_suite, run_speed
 
     suite_path = Path(args.suite) if args.suite else Path(__file__).resolve().parent.parent / "benchmarks" / "speed.yaml"

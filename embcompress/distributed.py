@@ -4,7 +4,10 @@ Compressed tables are small by design, so every process holds the whole model an
 ``torch.nn.parallel.DistributedDataParallel`` (DDP) averages the gradients after each backward pass: gloo on CPU,
 nccl on GPU. :func:`embcompress.training.train` switches to this mode by itself when it runs inside an initialised
 process group of more than one process (``torchrun --nproc-per-node N ...``, ``embcompress bench run --nproc N``,
-or :func:`launch`); nothing else changes for the caller. What it does:
+or :func:`launch`); nothing else changes for the caller. The training step is one function for both modes: it
+asks a context (:func:`step_context`) for the module to call, the batches, the loss weighting and the sparse
+gradient sync; :class:`LocalContext` answers for one process, :class:`DistContext` for a process group. What the
+group's context does:
 
 * **Data.** Every rank draws the same shuffled permutation (same seed) and cuts the same global batches of
   ``batch_size`` rows; rank ``r`` reads only its contiguous slice of each (:func:`shard_batches`), so a global
@@ -17,18 +20,21 @@ or :func:`launch`); nothing else changes for the caller. What it does:
 * **Sparse gradients.** Tables built with ``sparse=True`` keep their sparse gradients: DDP all-reduces them with
   gloo (tested here with 2 CPU processes); nccl has no sparse all-reduce, so build those tables with
   ``sparse=False`` on GPUs.
-* **Metrics.** Validation and test rows are split into contiguous shards; each rank predicts its own, the
-  predictions and labels are all-gathered (padded to the longest shard, then trimmed by the gathered sizes,
-  :func:`gather_rows`) and every rank computes the *same* AUC and logloss over the whole split — not an average
-  of per-rank AUCs — so early stopping decides alike everywhere.
+* **Metrics.** Validation and test rows are split into contiguous shards and every rank computes the *same* AUC
+  and logloss over the whole split (:func:`embcompress.evaluation.evaluate_sharded`), so early stopping decides
+  alike everywhere.
 * **Output.** Only rank 0 writes files (checkpoints, benchmark results, reports).
+
+Rank facts and collectives (:func:`world`, :func:`shard_bounds`, :func:`gather_rows`, :func:`all_sum`) live in
+:mod:`embcompress.process_group` and are re-exported here.
 
 Sources: PyTorch documentation, "DistributedDataParallel" and "torch.distributed" (collectives, gloo/nccl
 backends, ``init_process_group`` with ``env://`` and ``file://`` init methods), and "torchrun (Elastic Launch)",
 https://pytorch.org/docs/stable/ .
 
->>> shard_bounds(10, rank=0, world_size=3), shard_bounds(10, rank=2, world_size=3)
-((0, 4), (7, 10))
+>>> ctx = step_context(torch.nn.Linear(2, 1), "cpu")  # outside a process group: the single-process hooks
+>>> type(ctx).__name__, ctx.world_size, ctx.per_row(torch.tensor(6.0), 3).item()
+('LocalContext', 1, 2.0)
 """
 
 from __future__ import annotations
@@ -46,10 +52,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import Batch
+from .contract import CompressedEmbedding
+from .data import Batch, iterate_batches
+from .evaluation import evaluate_sharded
+from .process_group import all_sum, gather_rows, is_distributed, is_main_process, shard_bounds, world
 
 __all__ = [
     "DistContext",
+    "LocalContext",
     "all_sum",
     "default_backend",
     "evaluate_sharded",
@@ -61,25 +71,9 @@ __all__ = [
     "launch",
     "shard_batches",
     "shard_bounds",
+    "step_context",
     "world",
 ]
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process; ``(0, 1)`` outside an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return world()[1] > 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and in a single process): the one that writes files."""
-    return world()[0] == 0
 
 
 def default_backend(device: str) -> str:
@@ -97,15 +91,6 @@ def init_from_env(device: str = "cpu") -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=default_backend(device), init_method="env://")
     return True
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of ``n`` that ``rank`` of ``world_size`` takes: contiguous, sizes differ by at most one."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    base, extra = divmod(n, world_size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def shard_batches(
@@ -133,61 +118,41 @@ def shard_batches(
         yield Batch(data.dense[idx], data.sparse[idx], data.labels[idx]), len(rows)
 
 
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``tensor`` (``[n_r, ...]``, ``n_r`` may differ) along dim 0, in rank order.
+@dataclass
+class LocalContext:
+    """The training step's hooks in a single process: the model itself, every row, the mean loss, no sync.
 
-    Each rank pads to the longest, all-gathers, and trims by the gathered sizes. Outside a process group the
-    tensor is returned as is.
+    :class:`DistContext` overrides each hook for a process group; the step calls them the same way in both.
     """
-    size = world()[1]
-    if size == 1:
-        return tensor
-    n = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.zeros_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
+    module: nn.Module  # what the step calls forward on: the model (DistContext: its DDP wrapper)
+    rank: int = 0
+    world_size: int = 1
 
-def all_sum(value: float, device: str = "cpu") -> float:
-    """The sum of a float over all ranks (the float itself in a single process)."""
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
+    def batches(self, data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Batch, int]]:
+        """``(rows this process trains on, rows in the whole batch)`` for each shuffled batch of the epoch."""
+        return ((b, len(b)) for b in iterate_batches(data, batch_size, shuffle=True, generator=generator))
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, global_size: int) -> torch.Tensor:
+        """The mean BCE over the batch."""
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
-def evaluate_sharded(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu"
-                     ) -> tuple[float, float]:
-    """(AUC, logloss) over the whole of ``data``: each rank predicts its shard, all ranks get the same numbers."""
-    from .training import auc_logloss, predict
+    def per_row(self, total: torch.Tensor, global_size: int) -> torch.Tensor:
+        """A term summed over this process's rows (the embedding L2), weighted like :meth:`loss`: a batch mean."""
+        return total / global_size
 
-    rank, size = world()
-    lo, hi = shard_bounds(len(data), rank, size)
-    local = Batch(data.dense[lo:hi], data.sparse[lo:hi], data.labels[lo:hi])
-    backend_device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
-    p = torch.from_numpy(predict(model, local, batch_size=batch_size, device=device)).to(backend_device)
-    return auc_logloss(gather_rows(local.labels.to(backend_device)).cpu().numpy(), gather_rows(p).cpu().numpy())
+    def sync_sparse_grads(self) -> None:
+        """Nothing to sync in one process."""
 
 
 @dataclass
-class DistContext:
-    """What the training loop needs in a process group: this rank, the DDP-wrapped model, and its helpers."""
+class DistContext(LocalContext):
+    """The training step's hooks in a process group: this rank, the DDP-wrapped model, its share of each batch."""
 
-    rank: int
-    world_size: int
-    module: nn.Module  # the DistributedDataParallel wrapper of the model
     sparse: tuple[nn.Parameter, ...] = ()  # sparse-gradient table parameters, synced by sync_sparse_grads
 
     @classmethod
     def wrap(cls, model: nn.Module, device: str) -> DistContext:
-        from .contract import CompressedEmbedding
-
         rank, size = world()
         # DDP expects sparse gradients only from nn.Embedding(sparse=True) modules; a table's own sparse
         # gradients would be copied into a dense bucket and fail. DDP ignores those parameters and
@@ -211,7 +176,7 @@ class DistContext:
             index = torch.cuda.current_device() if index is None else index
             options["device_ids"] = [index]
         ddp = nn.parallel.DistributedDataParallel(model, **options)
-        return cls(rank=rank, world_size=size, module=ddp, sparse=params)
+        return cls(module=ddp, rank=rank, world_size=size, sparse=params)
 
     def sync_sparse_grads(self) -> None:
         """Average the sparse gradients of the tables' sparse parameters over the ranks (after backward)."""
@@ -227,13 +192,24 @@ class DistContext:
             p.grad = mean.coalesce()
 
     def batches(self, data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Batch, int]]:
+        """This rank's slice of each global batch, with the global batch's size (:func:`shard_batches`)."""
         return shard_batches(data, batch_size, rank=self.rank, world_size=self.world_size, generator=generator)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, global_size: int) -> torch.Tensor:
         """BCE summed over this rank's rows, times ``world_size / global_size``: DDP's gradient average of it is
         the gradient of the mean over the global batch."""
         total = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        return self.per_row(total, global_size)
+
+    def per_row(self, total: torch.Tensor, global_size: int) -> torch.Tensor:
+        """A term summed over this rank's rows, times ``world_size / global_size``, like :meth:`loss`."""
         return total * (self.world_size / global_size)
+
+
+def step_context(model: nn.Module, device: str) -> LocalContext:
+    """The hooks the training step runs with: :class:`DistContext` (the model wrapped in DDP) inside a process
+    group of several processes, else :class:`LocalContext` (the model itself)."""
+    return DistContext.wrap(model, device) if is_distributed() else LocalContext(model)
 
 
 def free_port() -> int:

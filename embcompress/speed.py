@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench import _lookup, _unknown
 from .memory import baseline_bytes
 from .registry import TABLES, SpecError, _load_builtins, build_table, check_table_options
-from .suite_check import read_suite_yaml
+from .suite_check import check_known_keys, lookup, read_suite_yaml
 from .synthetic import CRITEO_KAGGLE_CARDINALITIES
-from .training import TrainConfig, _optimizers, _regularization
+from .training import TrainConfig, make_optimizers as _optimizers, regularization as _regularization
 
 __all__ = ["SpeedSuite", "load_speed_suite", "run_speed", "format_speed"]
 
@@ -72,16 +71,16 @@ def load_speed_suite(path: str | os.PathLike) -> SpeedSuite:
     where = str(path)
     if not isinstance(raw, dict) or not raw.get("methods"):
         raise SpecError(f"{where}: a speed suite is a mapping with a non-empty 'methods' list")
-    _unknown(raw, _KEYS, where)
+    check_known_keys(raw, _KEYS, where)
     _load_builtins()
     methods = []
     for i, m in enumerate(raw["methods"]):
         mwhere = f"{where}: methods[{i}]"
         if not isinstance(m, dict) or "table" not in m:
             raise SpecError(f"{mwhere}: each method needs a 'table' spec")
-        _unknown(m, ("name", "table", "compression", "optimizer"), mwhere)
+        check_known_keys(m, ("name", "table", "compression", "optimizer"), mwhere)
         table = dict(m["table"])
-        cls = _lookup(TABLES, table.get("type"), f"{mwhere}: table")
+        cls = lookup(TABLES, table.get("type"), f"{mwhere}: table")
         ratio = m.get("compression")
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0):
             raise SpecError(f"{mwhere}: compression must be a positive number, got {ratio!r}")

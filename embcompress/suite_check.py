@@ -1,7 +1,7 @@
 """Checks of a benchmark suite made before anything trains: values with their key paths, and a dry build of
 every table and model on the ``meta`` device.
 
-:func:`embcompress.bench.load_suite` reads the YAML with :func:`read_suite_yaml` and calls these checks, so a
+:func:`embcompress.suite.load_suite` reads the YAML with :func:`read_suite_yaml` and calls these checks, so a
 suite that would fail in its fifth run fails at load instead, naming the suite file and the key path of the bad
 entry, e.g. ``suite.yaml: methods[2].table: expected a mapping with a "type" key, got 'hashing.v1'``.
 
@@ -29,12 +29,12 @@ import torch
 import yaml
 
 from .budget import BudgetError
-from .registry import SpecError, build_model, build_table, check_kwargs
+from .registry import RegistryError, SpecError, build_model, build_table, check_kwargs
 from .synthetic import NUM_DENSE, SyntheticConfig, scaled_cardinalities
 from .training import TrainConfig
 
-__all__ = ["read_suite_yaml", "check_seeds", "check_ratios", "check_unique_names", "check_synthetic",
-           "check_train", "check_train_value", "DataShape", "data_shape", "build_on_meta"]
+__all__ = ["read_suite_yaml", "check_known_keys", "lookup", "check_seeds", "check_ratios", "check_unique_names",
+           "check_synthetic", "check_train", "check_train_value", "DataShape", "data_shape", "build_on_meta"]
 
 #: Training settings the runner sets for each run itself; in a suite's ``train`` they would be ignored.
 RUNNER_SET = {"seed": "seeds come from the suite's 'seeds' list", "device": "the device comes from --device",
@@ -48,6 +48,21 @@ def is_int(value) -> bool:
 def is_number(value) -> bool:
     """A finite real number that is not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_known_keys(keys, allowed: Sequence[str], where: str) -> None:
+    """Refuse keys outside ``allowed`` (a typo in a suite is an error, never ignored), naming them and ``where``."""
+    extra = sorted(set(keys) - set(allowed))
+    if extra:
+        raise SpecError(f"{where}: unknown key(s) {extra}; allowed: {list(allowed)}")
+
+
+def lookup(registry, name, where: str):
+    """``registry.get(name)``, its error (close matches included) as a :class:`SpecError` naming ``where``."""
+    try:
+        return registry.get(name)
+    except RegistryError as err:
+        raise SpecError(f"{where}: {err}") from None
 
 
 def read_suite_yaml(path: Path) -> Any:

@@ -5,9 +5,13 @@ Tables that produce sparse gradients (``sparse=True``) get a sparse optimizer fo
 everything else gets the dense optimizer.
 
 Inside an initialised ``torch.distributed`` process group of several processes (``torchrun``, ``embcompress
-bench run --nproc N``) the same loop trains data-parallel: the model is wrapped in ``DistributedDataParallel``,
-each rank reads its slice of every global batch and metrics are gathered over whole splits; see
-:mod:`embcompress.distributed`. A single process runs exactly the loop below, untouched.
+bench run --nproc N``) the same loop trains data-parallel. One step function, :func:`train_step`, serves both: a
+context from :func:`embcompress.distributed.step_context` supplies the module to call (the model, or its
+``DistributedDataParallel`` wrapper), the batches (all rows, or this rank's slice of every global batch), the loss
+weighting by the global batch size and the sparse-gradient sync (nothing, in one process). Metrics are computed
+over whole splits by :func:`embcompress.evaluation.evaluate_sharded` (gathered over the ranks in a group).
+
+:func:`predict` and :func:`evaluate` live in :mod:`embcompress.evaluation` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,18 +21,18 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
 from .contract import CompressedEmbedding, IdError
 from .validate import check_bool, check_choice, check_int, check_number, check_positive_int, check_positive_number
-from .data import Batch, CTRData, iterate_batches
-from .distributed import DistContext, all_sum, evaluate_sharded, is_distributed
+from .data import Batch, CTRData
+from .distributed import LocalContext, all_sum, step_context
+from .evaluation import auc_logloss, evaluate, evaluate_sharded, predict
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "OPTIMIZERS"]
+__all__ = ["TrainConfig", "TrainResult", "train", "train_step", "evaluate", "predict", "auc_logloss",
+           "make_optimizers", "regularization", "tables_of", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 
@@ -90,7 +94,7 @@ def tables_of(model: nn.Module) -> list[CompressedEmbedding]:
     return [m for m in model.modules() if isinstance(m, CompressedEmbedding) and id(m) not in inner]
 
 
-def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """Dense layers, table parameters with dense gradients, and sparse-gradient table parameters, each with
     their learning rate and weight decay; sparse ones under an optimizer that takes sparse gradients."""
     tables = tables_of(model)
@@ -126,7 +130,7 @@ def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimize
     return ([optimizer(groups)] if groups else []) + own
 
 
-def _regularization(model: nn.Module) -> torch.Tensor | None:
+def regularization(model: nn.Module) -> torch.Tensor | None:
     """The sum of the tables' own loss terms (OptEmbed's threshold regulariser); None when no table has one."""
     terms = [t.regularization_loss() for t in tables_of(model)]
     terms = [t for t in terms if t is not None]
@@ -135,9 +139,10 @@ def _regularization(model: nn.Module) -> torch.Tensor | None:
 
 class _OutputL2:
     """Collects ``sum ||e||^2`` of every vector the tables return in a forward pass (forward hooks), so the loss
-    can add ``embedding_l2 * that / batch``; tables called through ``forward_bags`` directly are not seen."""
+    can add ``weight * that / batch``; tables called through ``forward_bags`` directly are not seen."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        self.weight = weight
         self.total: torch.Tensor | None = None
         self.handles = [t.register_forward_hook(self._hook) for t in tables_of(model)]
 
@@ -147,49 +152,21 @@ class _OutputL2:
             self.total = term if self.total is None else self.total + term
 
     def pop(self) -> torch.Tensor:
+        """``weight * sum ||e||^2`` over this forward pass (summed over rows, not yet a mean); resets."""
         total, self.total = self.total, None
         if total is None:
             raise RuntimeError("embedding_l2 is set but no table was called in the forward pass")
-        return total
+        return self.weight * total
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu") -> np.ndarray:
-    """Click probabilities of every row of ``data``."""
-    model.eval()
-    out = [
-        torch.sigmoid(model(b.dense.to(device), b.sparse.to(device))).float().cpu()
-        for b in iterate_batches(data, batch_size)
-    ]
-    return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
-
-
-def evaluate(model: nn.Module, data: Batch, *, batch_size: int = 65536, device: str = "cpu") -> tuple[float, float]:
-    """(AUC, logloss) of ``model`` on ``data``."""
-    return auc_logloss(data.labels.numpy(), predict(model, data, batch_size=batch_size, device=device))
-
-
-def auc_logloss(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """(AUC, logloss) of click probabilities; the AUC is NaN when the labels hold a single class."""
-    if not np.isfinite(probs).all():
-        # A diverged model (NaN weights) would otherwise surface as scikit-learn's "Input contains NaN".
-        raise FloatingPointError(
-            f"the model predicted {int((~np.isfinite(probs)).sum())} non-finite probabilities of {len(probs)}: "
-            "training diverged (try a lower learning rate)"
-        )
-    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
-    auc = float(roc_auc_score(labels, p)) if 0 < labels.sum() < len(labels) else math.nan
-    return auc, float(log_loss(labels, p, labels=[0.0, 1.0]))
-
-
 def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> TrainResult:
     """Train ``model(dense, sparse) -> logits`` on ``data``'s train split; report val/test at the best epoch."""
     cfg = cfg or TrainConfig()
-    output_l2 = _OutputL2(model) if cfg.embedding_l2 > 0 else None
+    output_l2 = _OutputL2(model, cfg.embedding_l2) if cfg.embedding_l2 > 0 else None
     try:
         return _train(model, data, cfg, output_l2)
     except IdError as err:
@@ -207,19 +184,42 @@ def train(model: nn.Module, data: CTRData, cfg: TrainConfig | None = None) -> Tr
             output_l2.close()
 
 
+def train_step(ctx: LocalContext, model: nn.Module, optimizers: list[torch.optim.Optimizer], batch: Batch,
+               global_size: int, *, regularized: bool = False, output_l2: _OutputL2 | None = None) -> float:
+    """One optimisation step on ``batch``, this process's rows of a batch of ``global_size`` rows.
+
+    The same body in one process and in a process group: ``ctx`` supplies the module to call (the model or its DDP
+    wrapper), the loss (the batch mean, or this rank's share of the global mean) and the weighting of per-row
+    terms alike, and the sparse-gradient sync after backward. Table regularisers (``regularized``: OptEmbed's
+    threshold term) are computed on the unwrapped ``model``. Returns this process's share of the batch's summed
+    BCE (``loss * global_size / world_size``), so the ranks' shares add up to the batch's summed loss.
+    """
+    loss = ctx.loss(ctx.module(batch.dense, batch.sparse), batch.labels, global_size)
+    objective = loss + regularization(model) if regularized else loss
+    if output_l2 is not None:  # this process's rows, weighted like its loss
+        objective = objective + ctx.per_row(output_l2.pop(), global_size)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    objective.backward()
+    ctx.sync_sparse_grads()
+    for opt in optimizers:
+        opt.step()
+    return loss.item() * global_size / ctx.world_size
+
+
 def _train(model: nn.Module, data: CTRData, cfg: TrainConfig, output_l2: "_OutputL2 | None") -> TrainResult:
     model.to(cfg.device)
-    opts = _optimizers(model, cfg)
-    ddp, score = None, evaluate  # a DistContext, and metrics over gathered shards, when data-parallel
-    if is_distributed():
-        ddp, score = DistContext.wrap(model, cfg.device), evaluate_sharded
-    loss_fn = nn.BCEWithLogitsLoss()
-    has_regularizer = _regularization(model) is not None
+    opts = make_optimizers(model, cfg)
+    ctx = step_context(model, cfg.device)  # the model itself, or its DDP wrapper inside a process group
+    regularized = regularization(model) is not None
     gen = torch.Generator().manual_seed(cfg.seed)
     train_split, val_split = data.split("train"), data.split("val")
     for name, split in (("train", train_split), ("val", val_split)):
         if len(split) == 0:
             raise ValueError(f"{data.name}: the {name} split is empty; training needs rows in train and val")
+    collective_device = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    # Metrics over whole splits: gathered over the ranks in a process group, this process's own otherwise.
+    score = evaluate_sharded
     best_auc, best_epoch, best_state, bad_epochs = -math.inf, 0, None, 0
     history: list[dict] = []
     seconds = 0.0
@@ -227,58 +227,31 @@ def _train(model: nn.Module, data: CTRData, cfg: TrainConfig, output_l2: "_Outpu
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         batches = tqdm(
-            iterate_batches(train_split, cfg.batch_size, shuffle=True, generator=gen) if ddp is None
-            else ddp.batches(train_split, cfg.batch_size, gen),
+            ctx.batches(train_split, cfg.batch_size, gen),
             total=math.ceil(len(train_split) / cfg.batch_size),
             desc=f"epoch {epoch}/{cfg.epochs}",
             # None: no bars when not a terminal; none on ranks other than 0
-            disable=None if cfg.progress and (ddp is None or ddp.rank == 0) else True,
+            disable=None if cfg.progress and ctx.rank == 0 else True,
             leave=False,
         )
         running = 0.0
         start = time.perf_counter()
-        for batch in batches:
-            if ddp is not None:  # this rank's slice of a global batch of `size` rows
-                batch, size = batch
-                batch = batch.to(cfg.device)
-                loss = ddp.loss(ddp.module(batch.dense, batch.sparse), batch.labels, size)
-                objective = loss + _regularization(model) if has_regularizer else loss
-                if output_l2 is not None:  # this rank's rows, weighted like its loss
-                    objective = objective + cfg.embedding_l2 * output_l2.pop() * (ddp.world_size / size)
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                objective.backward()
-                ddp.sync_sparse_grads()
-                for opt in opts:
-                    opt.step()
-                running += loss.item() * size / ddp.world_size
-                samples += size
-                continue
-            batch = batch.to(cfg.device)
-            loss = loss_fn(model(batch.dense, batch.sparse), batch.labels)
-            objective = loss + _regularization(model) if has_regularizer else loss
-            if output_l2 is not None:
-                objective = objective + cfg.embedding_l2 * output_l2.pop() / len(batch)
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            objective.backward()
-            for opt in opts:
-                opt.step()
-            running += loss.item() * len(batch)
-            samples += len(batch)
+        for batch, size in batches:
+            running += train_step(ctx, model, opts, batch.to(cfg.device), size, regularized=regularized,
+                                  output_l2=output_l2)
+            samples += size
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        if ddp is not None:
-            running = all_sum(running, "cuda" if cfg.device.startswith("cuda") else "cpu")
+        running = all_sum(running, collective_device)  # the epoch's summed loss over the ranks
         val_auc, val_loss = score(model, val_split, batch_size=cfg.eval_batch_size, device=cfg.device)
         history.append({"epoch": epoch, "train_logloss": running / len(train_split), "val_auc": val_auc,
                         "val_logloss": val_loss, "lr": opts[0].param_groups[0]["lr"] if opts else None})
         if val_auc > best_auc:
             best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            if cfg.checkpoint and (ddp is None or ddp.rank == 0):  # only rank 0 writes
+            if cfg.checkpoint and ctx.rank == 0:  # only rank 0 writes
                 torch.save(model.state_dict(), cfg.checkpoint)
-            if not cfg.checkpoint or ddp is not None:  # other ranks keep theirs in memory
+            if not cfg.checkpoint or ctx.world_size > 1:  # other ranks keep theirs in memory
                 best_state = copy.deepcopy(model.state_dict())
         else:
             bad_epochs += 1
@@ -287,7 +260,7 @@ def _train(model: nn.Module, data: CTRData, cfg: TrainConfig, output_l2: "_Outpu
             for opt in opts:
                 for group in opt.param_groups:
                     group["lr"] *= cfg.lr_decay
-    if cfg.checkpoint and best_epoch and ddp is None:
+    if cfg.checkpoint and best_epoch and ctx.world_size == 1:
         best_state = torch.load(cfg.checkpoint, map_location=cfg.device, weights_only=True)
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from embcompress import SpecError
-from embcompress.bench import default_suite_path, load_suite, pareto_front
+from embcompress.plot import pareto_front
+from embcompress.suite import default_suite_path, load_suite
 from embcompress.cli import main
 
 TINY = {
@@ -61,7 +62,7 @@ def test_bench_cli_writes_table_results_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"methods": [{"table": {"type": "hashing.v2"}}]}, r"methods\[0\].table: unknown table 'hashing.v2'. Did you mean 'hashing.v1'"),
+    ({"methods": [{"table": {"type": "hashing.v9"}}]}, r"methods\[0\].table: unknown table 'hashing.v9'. Did you mean 'hashing.v1'"),
     ({"methods": [{"table": {"type": "hashing.v1", "num_bucket": 3}}]}, "unknown key 'num_bucket'"),
     ({"methods": [{"table": {"type": "hashing.v1"}, "compression": [0]}]}, "positive"),
     ({"model": {"type": "dlrm.v1", "top": [3]}}, "unknown key 'top'"),
@@ -103,7 +104,7 @@ def test_report_regenerates_the_table_from_jsonl(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert report.startswith("# again")
     assert f"| {record['test_auc']:.4f} |" in report and f"{record['bytes']:,}" in report
-    from embcompress.bench import results_frame
+    from embcompress.results import results_frame
 
     frame = results_frame(out / "results.jsonl")
     assert frame.loc[0, "test_auc"] == record["test_auc"] and frame.loc[0, "bytes"] == record["bytes"]
@@ -143,7 +144,7 @@ def test_report_numbers_are_recomputed_from_the_jsonl(tmp_path, capsys):
 
 
 def test_bench_without_a_subcommand_runs_the_default_suite(monkeypatch, capsys):
-    import embcompress.bench
+    import embcompress.runner
 
     seen = {}
 
@@ -151,7 +152,7 @@ def test_bench_without_a_subcommand_runs_the_default_suite(monkeypatch, capsys):
         seen["suite"], seen["device"], seen["shard"] = suite.name, device, shard
         raise ValueError("stop here")
 
-    monkeypatch.setattr(embcompress.bench, "run_suite", fake_run_suite)
+    monkeypatch.setattr(embcompress.runner, "run_suite", fake_run_suite)
     assert main(["bench", "--device", "cpu", "--quiet"]) == 2
     assert seen == {"suite": "default", "device": "cpu", "shard": (0, 1)}
     assert "stop here" in capsys.readouterr().err
@@ -272,7 +273,7 @@ def test_two_shards_share_one_results_file(tmp_path):
 
 
 def test_shard_positions_split_the_suite(tmp_path):
-    from embcompress.bench import run_suite
+    from embcompress.runner import run_suite
 
     suite = load_suite(_suite_with_runs(tmp_path, 4))
     runs = suite.runs()
@@ -291,11 +292,11 @@ def test_bad_shard_option_is_rejected(text, capsys):
 
 
 def test_a_dead_writers_partial_line_is_cut_before_the_next_append(tmp_path):
-    from embcompress.bench import _append_line
+    from embcompress.results import append_line
 
     results = tmp_path / "results.jsonl"
     results.write_text('{"a": 1}\n{"run_key": "half')
-    _append_line(results, {"b": 2})
+    append_line(results, {"b": 2})
     assert results.read_text() == '{"a": 1}\n{"b": 2}\n'
 
 
@@ -362,7 +363,7 @@ def test_committed_criteo_suite_is_well_formed_apart_from_its_data(tmp_path):
 
 
 def test_criteo_suite_without_dense_features_uses_the_buckets(tmp_path):
-    from embcompress.bench import load_data
+    from embcompress.suite import load_data
     from embcompress.criteo import prepare_criteo
 
     lines = ["\t".join([str(i % 2)] + [str(i % 7)] * 13 + [f"{i % 5:08x}"] * 26) for i in range(60)]
@@ -474,7 +475,7 @@ def test_a_grid_over_init_std_reaches_every_table(tmp_path):
 
 
 def test_report_marks_tables_well_under_their_budget():
-    from embcompress.bench import format_table
+    from embcompress.report import format_table
 
     base = {"status": "ok", "model": "m", "target_ratio": 2.0, "seed": 0, "test_auc": 0.7, "test_logloss": 0.5,
             "samples_per_second": 1.0, "best_epoch": 1, "dense_parameters": 10, "baseline_bytes": 2000}
@@ -488,7 +489,7 @@ def test_report_marks_tables_well_under_their_budget():
 def test_methods_seeds_suite_repeats_runs_of_the_methods_suite():
     # methods_seeds.yaml adds seeds to some runs of methods.yaml in the same results folder: its seed-0 runs must
     # be the very runs methods.yaml made (same run keys), so nothing but the methods and the seeds may differ.
-    from embcompress.bench import run_key
+    from embcompress.runner import run_key
 
     bench_dir = default_suite_path().parent
     methods, seeds = load_suite(bench_dir / "methods.yaml"), load_suite(bench_dir / "methods_seeds.yaml")

@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from embcompress import SpecError
-from embcompress.bench import (
-    default_suite_path, format_table, load_suite, plot_results, read_results, reference_key, run_key, run_suite,
-    trial_key,
-)
+from embcompress.plot import plot_results
+from embcompress.report import format_table
+from embcompress.results import read_results
+from embcompress.runner import reference_key, run_key, run_suite, trial_key
+from embcompress.suite import default_suite_path, load_suite
 from embcompress.cli import main
 
 BENCHMARKS = default_suite_path().parent
@@ -222,12 +223,12 @@ def test_the_report_survives_records_without_a_usable_auc(tmp_path):
 
 
 def test_data_that_fails_to_load_is_recorded_as_failed_runs(tmp_path, monkeypatch, capsys):
-    import embcompress.bench
+    import embcompress.runner
 
     def empty_train(suite):  # what CTRData says of a data set with no training rows
         raise ValueError("synthetic: the train split is empty")
 
-    monkeypatch.setattr(embcompress.bench, "load_data", empty_train)
+    monkeypatch.setattr(embcompress.runner, "load_data", empty_train)
     out = tmp_path / "out"
     assert main(["bench", "run", str(write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 1
     records = strict_records(out / "results.jsonl")
@@ -237,10 +238,10 @@ def test_data_that_fails_to_load_is_recorded_as_failed_runs(tmp_path, monkeypatc
 
 
 def test_results_are_written_as_strict_json(tmp_path):
-    from embcompress.bench import _append_line
+    from embcompress.results import append_line
 
     results = tmp_path / "results.jsonl"
-    _append_line(results, {"status": "ok", "x": math.inf, "nested": {"y": math.nan}})
+    append_line(results, {"status": "ok", "x": math.inf, "nested": {"y": math.nan}})
     record = strict_records(results)[0]
     assert record["x"] is None and record["nested"]["y"] is None
     assert record["non_finite"] == ["nested.y", "x"]

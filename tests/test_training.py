@@ -7,7 +7,7 @@ import torch
 
 from embcompress import build_model, build_table
 from embcompress.synthetic import SyntheticConfig, make_synthetic
-from embcompress.training import TrainConfig, _optimizers, train
+from embcompress.training import TrainConfig, make_optimizers, train
 
 SMALL_MODEL = {"type": "dlrm.v1", "bottom_mlp": [16], "top_mlp": [32]}
 
@@ -61,11 +61,11 @@ def test_same_seed_same_auc(data):
 def test_sparse_tables_get_sparse_optimizers(data):
     table = build_table({"type": "full.v1", "sparse": True}, data.cardinalities, 8)
     model = build_model(SMALL_MODEL, table, data.num_dense)
-    opts = _optimizers(model, TrainConfig(optimizer="adam"))
+    opts = make_optimizers(model, TrainConfig(optimizer="adam"))
     assert [type(o).__name__ for o in opts] == ["Adam", "SparseAdam"]
     assert opts[1].param_groups[0]["params"] == [table.weight]
     assert all(p is not table.weight for p in opts[0].param_groups[0]["params"])
-    assert [type(o).__name__ for o in _optimizers(model, TrainConfig(optimizer="adagrad"))] == ["Adagrad"]
+    assert [type(o).__name__ for o in make_optimizers(model, TrainConfig(optimizer="adagrad"))] == ["Adagrad"]
 
 
 def test_bad_train_config():
@@ -90,15 +90,15 @@ def test_sgd_and_adagrad_take_sparse_tables(data):
 def test_embedding_learning_rate_and_weight_decay_groups(data):
     table = build_table({"type": "hashing.v1", "num_buckets": 32}, data.cardinalities, 8)
     model = build_model(SMALL_MODEL, table, data.num_dense)
-    (opt,) = _optimizers(model, TrainConfig(lr=0.01, embedding_lr=0.1, weight_decay=1e-5,
-                                            embedding_weight_decay=1e-3))
+    (opt,) = make_optimizers(model, TrainConfig(lr=0.01, embedding_lr=0.1, weight_decay=1e-5,
+                                                embedding_weight_decay=1e-3))
     dense_group, table_group = opt.param_groups
     assert table_group["params"] == [table.weight] and table_group["lr"] == 0.1
     assert table_group["weight_decay"] == 1e-3 and dense_group["weight_decay"] == 1e-5
     sparse_table = build_table({"type": "full.v1", "sparse": True}, data.cardinalities, 8)
     with pytest.raises(ValueError, match="embedding_weight_decay"):
-        _optimizers(build_model(SMALL_MODEL, sparse_table, data.num_dense),
-                    TrainConfig(embedding_weight_decay=1e-3))
+        make_optimizers(build_model(SMALL_MODEL, sparse_table, data.num_dense),
+                        TrainConfig(embedding_weight_decay=1e-3))
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(data, tmp_path):
