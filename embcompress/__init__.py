@@ -20,6 +20,10 @@ from .registry import (
 )
 from .replace import ReplaceReport, replace_embeddings
 
+# The built-in methods and models register themselves on import; loading them here, under the registry rather
+# than from it, means a registry lookup always sees them and the registry never imports its entries.
+from . import ctr_models, tables  # noqa: E402, F401  (isort: skip)
+
 __version__ = "0.1.0"
 
 __all__ = [

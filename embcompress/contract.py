@@ -35,7 +35,8 @@ from torch import nn
 
 from .budget import BudgetError, BudgetKnob, check_budget, solve_budget
 from .config_state import FORMAT, check_saved_options, recording_init
-from .memory import MemoryReport, baseline_bytes, measure
+from .memory import MemoryReport, baseline_bytes, full_table_bytes, measure
+from .specs import check_table_options
 from .validate import (
     check_bool, check_choice, check_float, check_int, check_int_list, check_number, check_per_field,
     check_positive_int, check_positive_number, owner_name,
@@ -114,6 +115,9 @@ class CompressedEmbedding(nn.Module):
     #: True when the method trains in several stages through ``fit_staged(model, data, cfg)`` and meets its
     #: budget with the table it exports (OptEmbed), not with the table ``from_budget`` returns.
     trains_in_stages: ClassVar[bool] = False
+    #: The typed staged-training settings of such a method (``from_dict(mapping, where)`` builds one from a suite's
+    #: ``schedule:``), passed to ``fit_staged``; ``None`` for tables that train in one stage.
+    schedule_type: ClassVar[type | None] = None
     #: Constructor options that do not change what a saved state means: a checkpoint loads whatever they were
     #: (see :mod:`embcompress.config_state`; every other option must match the checkpoint's). ``seed`` is one:
     #: the hash seeds it derives are buffers, and loading replaces them.
@@ -331,8 +335,6 @@ class CompressedEmbedding(nn.Module):
         budget. A budget above :meth:`budget_ceiling` (the full table's bytes) buys the largest table within the
         ceiling: a compressed table is never larger than the table it replaces.
         """
-        from .registry import check_table_options
-
         check_table_options(cls, {**options, "budget_bytes": budget_bytes},
                             f"{getattr(cls, 'registry_name', cls.__name__)}.from_budget")
         ceiling = cls.budget_ceiling(cardinalities, embedding_dim)
@@ -347,9 +349,7 @@ class CompressedEmbedding(nn.Module):
     @classmethod
     def budget_ceiling(cls, cardinalities: int | Sequence[int], embedding_dim: int) -> int | None:
         """The most bytes a budget can buy: the exact bytes of the full table (``None``: no ceiling)."""
-        from .registry import TABLES
-
-        return TABLES.get("full.v1").planned_bytes(cardinalities, embedding_dim)
+        return full_table_bytes(cardinalities, embedding_dim)
 
     @classmethod
     def planned_bytes(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> int:

@@ -14,15 +14,30 @@ Definition (all arithmetic modulo 2**64, i.e. on unsigned 64-bit words)::
 
 ``mix64(1234567)`` is 6457827717110365317, the published first output of splitmix64 seeded with 1234567.
 
+Per-(field, hash) seeds. A table makes one seed per field ``f`` and per hash ``j`` (a chunk, one of the ``k``
+hashes of an id) from the one user ``seed``. Two derivations exist, chosen by the table's registered version:
+
+* ``.v1`` tables, :func:`field_seeds`: ``mix64(seed * F * k + f * k + j)``, a counter over all ``F * k`` slots.
+  Kept as it was so ``.v1`` checkpoints keep their meaning, but the counter depends on ``F`` and ``k``: with any
+  ``seed`` but 0, adding a field to a model re-hashes every field of the table, and user seeds alias one
+  another (``seed=1`` with ``F=2`` gives field 0 the seed that ``seed=0`` gives field 2).
+* ``.v2`` tables, :func:`keyed_seeds`: ``mix64(mix64(mix64(seed) ^ f) ^ j)``, a key chain. Field ``f``'s hash
+  ``j`` depends on ``(seed, f, j)`` alone, never on the number of fields, of hashes or of chunks, so a field
+  added at the end (or another ``k``) leaves every other field's rows where they were; and since each level
+  hashes before the next index is mixed in, two ``(seed, f, j)`` never share a seed by construction (only by
+  a chance 64-bit collision).
+
 Torch has no uint64 arithmetic on every device, so the words live in int64: addition and multiplication wrap
 the same way in two's complement, and the logical right shift is an arithmetic shift followed by a mask.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-__all__ = ["GOLDEN_GAMMA", "mix64", "hash64", "bucket", "field_seeds"]
+__all__ = ["GOLDEN_GAMMA", "mix64", "hash64", "bucket", "field_seeds", "keyed_seeds"]
 
 _U64 = 1 << 64
 
@@ -65,6 +80,27 @@ def bucket(x: torch.Tensor, seed: torch.Tensor | int, m: torch.Tensor | int) -> 
 
 
 def field_seeds(seed: int, num_fields: int) -> torch.Tensor:
-    """Independent per-field seeds derived from one user seed: ``mix64(seed * F + f)`` for field ``f``."""
+    """The ``.v1`` seeds: ``mix64(seed * n + i)`` for slot ``i < n = num_fields``, ``LongTensor[n]``.
+
+    ``.v1`` tables ask for ``n = F * k`` slots and read field ``f``'s hash ``j`` at ``f * k + j``, so every
+    seed depends on ``F`` and ``k`` (see the module docstring); new tables use :func:`keyed_seeds`.
+    """
     base = torch.arange(num_fields, dtype=torch.int64) + seed * num_fields
     return mix64(base)
+
+
+def keyed_seeds(seed: int, num_fields: int, hashes: int | Sequence[int]) -> torch.Tensor:
+    """The ``.v2`` seeds: ``mix64(mix64(mix64(seed) ^ f) ^ j)`` for field ``f < num_fields`` and hash ``j``.
+
+    ``hashes`` is a count ``k`` (hashes ``0..k-1``) or the hash numbers themselves (any int64, e.g. a reserved
+    one for a table's extra hash); returns ``LongTensor[num_fields, len(hashes)]``. Column ``j`` of row ``f``
+    is the same for every ``num_fields > f`` and every other set of hashes.
+
+    >>> a, b = keyed_seeds(0, 3, 2), keyed_seeds(0, 4, [0, 1, 2])
+    >>> torch.equal(a, b[:3, :2])
+    True
+    """
+    js = list(range(hashes)) if isinstance(hashes, int) else [int(j) for j in hashes]
+    fields = torch.arange(num_fields, dtype=torch.int64).unsqueeze(1)
+    key = mix64(torch.tensor(int(seed), dtype=torch.int64))
+    return mix64(mix64(key ^ fields) ^ torch.tensor(js, dtype=torch.int64).view(1, -1))

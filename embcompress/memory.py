@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["MemoryReport", "measure", "baseline_bytes", "tensor_bytes", "optimizer_state_bytes"]
+__all__ = ["MemoryReport", "measure", "baseline_bytes", "full_table_bytes", "tensor_bytes", "optimizer_state_bytes"]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -35,6 +35,13 @@ def baseline_bytes(cardinalities: int | Sequence[int], embedding_dim: int) -> in
     """Bytes of the uncompressed fp32 tables: ``sum(n_f) * D * 4``."""
     cards = [cardinalities] if isinstance(cardinalities, numbers.Integral) else cardinalities
     return int(sum(cards)) * int(embedding_dim) * 4
+
+
+def full_table_bytes(cardinalities: int | Sequence[int], embedding_dim: int) -> int:
+    """Exact bytes of ``full.v1`` (the budget ceiling of every method): the fp32 rows and one int64 row offset per
+    field (a test holds this to the table's own memory report)."""
+    cards = [cardinalities] if isinstance(cardinalities, numbers.Integral) else list(cardinalities)
+    return baseline_bytes(cards, embedding_dim) + 8 * len(cards)
 
 
 @dataclass(frozen=True)

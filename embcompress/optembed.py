@@ -1,7 +1,14 @@
 """The OptEmbed pipeline: supernet training, budgeted evolutionary search of field widths, retraining, export.
 
 Lyu et al., "OptEmbed: Learning Optimal Embedding Table for Click-through Rate Prediction", CIKM 2022. The
-table and its stages are in ``tables/optembed.py``; this module drives them.
+table and its stages are in ``tables/optembed.py``; this module drives them, as :class:`OptEmbedSchedule` says.
+
+Import direction: ``embcompress.tables.optembed`` imports this module (for :class:`OptEmbedSchedule`, its
+``schedule_type``, and :func:`run_optembed`, which its ``fit_staged`` hook calls); this module never imports the
+table module. It drives the table through the table's stage methods (``set_threshold_training``,
+``current_row_mask``, ``kept_per_field``, ``set_dims``, ``export_bytes``, ``freeze``, ``export``), so there is
+no cycle and no import inside the table's hook. The training loop (and scikit-learn with it) is imported when
+:func:`run_optembed` runs, so that importing the tables does not load it.
 
 The search (:func:`evolutionary_search`) goes beyond the paper: it takes a memory budget and admits only
 candidates whose export fits it. A candidate over budget is *repaired* (widths lowered one step at a time, each
@@ -14,30 +21,43 @@ drawn over the fields, not over the width range.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import math
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from .contract import BudgetError
-from .validate import check_int, check_number
-from .data import Batch, CTRData
-from .training import TrainConfig, TrainResult, evaluate, predict, train
+from .budget import BudgetError
+from .data import Batch
+from .registry import SpecError
+from .validate import check_bool, check_int, check_number, check_positive_int
 
-__all__ = ["SearchConfig", "SearchResult", "StagedFit", "evolutionary_search", "run_optembed", "replace_table"]
+if TYPE_CHECKING:
+    from .data import CTRData
+    from .training import TrainConfig, TrainResult
+
+__all__ = [
+    "SearchConfig", "OptEmbedSchedule", "SearchResult", "StagedFit", "evolutionary_search", "run_optembed",
+    "replace_table", "rewind_",
+]
 
 Candidate = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Evolution settings (the OptEmbed README's: 10 mutations, 10 crossovers, 30 generations, p = 0.1)."""
+    """Evolution settings (the OptEmbed README's: 10 mutations, 10 crossovers, 30 generations, p = 0.1).
+
+    ``search_rows``: validation rows each fitness evaluation predicts (a fixed random sample; ``None``: all).
+    ``seed``: the search's random seed; ``None`` is the run's seed (``TrainConfig.seed``) in
+    :func:`run_optembed`, and 0 when :func:`evolutionary_search` is called on its own.
+    """
 
     population: int = 20
     keep: int = 10
@@ -45,16 +65,101 @@ class SearchConfig:
     crossovers: int = 10
     generations: int = 30
     mutate_prob: float = 0.1
-    seed: int = 0
+    seed: int | None = None
+    search_rows: int | None = 50_000
 
     def __post_init__(self) -> None:
         # Typed (no coercion of 2.7 or "5"), stored as plain Python values (numpy scalars accepted).
         checked = {name: check_int(name, getattr(self, name), lo=lo, owner="SearchConfig")
                    for name, lo in (("population", 1), ("keep", 1), ("mutations", 0), ("crossovers", 0),
-                                    ("generations", 0), ("seed", None))}
+                                    ("generations", 0))}
         checked["mutate_prob"] = check_number("mutate_prob", self.mutate_prob, lo=0, hi=1, owner="SearchConfig")
+        checked["seed"] = check_int("seed", self.seed, optional=True, owner="SearchConfig")
+        checked["search_rows"] = check_positive_int("search_rows", self.search_rows, optional=True,
+                                                    owner="SearchConfig")
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # frozen dataclass
+
+
+@dataclass(frozen=True)
+class OptEmbedSchedule:
+    """How :func:`run_optembed` trains an OptEmbed table: everything but the table itself.
+
+    Args:
+        search: the evolutionary width search (:class:`SearchConfig`).
+        threshold_lr: plain-SGD learning rate of the pruning thresholds in supernet training.
+        alpha: weight of the threshold regulariser ``alpha * sum(exp(-t))`` in supernet training.
+        rewind: retrain from the weights at the start of supernet training (the trained thresholds kept).
+        retrain_epochs: epochs of retraining (``None``: the run's ``TrainConfig.epochs``).
+
+    Every field is checked here, before any training: a bad value raises ``ValueError`` naming the field and
+    the value. A suite gives the schedule as a flat mapping (:meth:`from_dict`).
+
+    >>> OptEmbedSchedule.from_dict({"threshold_lr": 0.3, "generations": 10, "search_rows": 20000}).search.generations
+    10
+    >>> OptEmbedSchedule(rewind="no")
+    Traceback (most recent call last):
+        ...
+    ValueError: OptEmbedSchedule: rewind must be a bool (True or False), got 'no'
+    """
+
+    search: SearchConfig = SearchConfig()
+    threshold_lr: float = 1e-2
+    alpha: float = 1e-2
+    rewind: bool = True
+    retrain_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.search, SearchConfig):
+            raise ValueError(f"OptEmbedSchedule: search must be a SearchConfig, got {self.search!r}")
+        owner = "OptEmbedSchedule"
+        checked = {
+            "threshold_lr": check_number("threshold_lr", self.threshold_lr, positive=True, owner=owner),
+            "alpha": check_number("alpha", self.alpha, lo=0, owner=owner),
+            "rewind": check_bool("rewind", self.rewind, owner=owner),
+            "retrain_epochs": check_positive_int("retrain_epochs", self.retrain_epochs, optional=True, owner=owner),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen dataclass
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The keys of the flat mapping :meth:`from_dict` reads: the search's, then the schedule's own."""
+        own = tuple(f.name for f in dataclasses.fields(cls) if f.name != "search")
+        return tuple(f.name for f in dataclasses.fields(SearchConfig)) + own
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Any] | None, where: str = "schedule") -> "OptEmbedSchedule":
+        """A schedule from a suite's plain mapping (what ``yaml.safe_load`` gives), flat: the
+        :class:`SearchConfig` fields (``population``, ``keep``, ``mutations``, ``crossovers``, ``generations``,
+        ``mutate_prob``, ``seed``, ``search_rows``) beside ``threshold_lr``, ``alpha``, ``rewind`` and
+        ``retrain_epochs``; absent keys keep their defaults (``None`` or ``{}``: the default schedule).
+
+        Flat, not a nested ``search:`` mapping, so a suite's ``schedule:`` holds exactly the keys its ``table:``
+        held when they were table options. An unknown key raises :class:`~embcompress.specs.SpecError` naming
+        close matches; a bad value, ``SpecError`` naming ``where``, the field and the value.
+
+        >>> OptEmbedSchedule.from_dict({"generation": 3}, "methods[2].schedule")
+        Traceback (most recent call last):
+            ...
+        embcompress.specs.SpecError: methods[2].schedule: unknown key 'generation'; did you mean 'generations'? (accepted keys: population, keep, mutations, crossovers, generations, mutate_prob, seed, search_rows, threshold_lr, alpha, rewind, retrain_epochs)
+        """
+        if mapping is None:
+            mapping = {}
+        if not isinstance(mapping, Mapping):
+            raise SpecError(f"{where}: a schedule is a mapping of {list(cls.keys())}, got {mapping!r}")
+        accepted = cls.keys()
+        for key in mapping:
+            if key not in accepted:
+                close = difflib.get_close_matches(str(key), accepted, n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise SpecError(f"{where}: unknown key {key!r}{hint} (accepted keys: {', '.join(accepted)})")
+        search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
+        try:
+            search = SearchConfig(**{k: v for k, v in mapping.items() if k in search_keys})
+            return cls(search=search, **{k: v for k, v in mapping.items() if k not in search_keys})
+        except ValueError as err:
+            raise SpecError(f"{where}: {err}") from None
 
 
 @dataclass
@@ -87,7 +192,7 @@ def evolutionary_search(
     >>> res.bytes <= 60, sum(res.best)
     (True, 6)
     """
-    rng = random.Random(cfg.seed)
+    rng = random.Random(0 if cfg.seed is None else cfg.seed)
     weights = [1.0] * num_fields if weights is None else [max(float(w), 0.0) for w in weights]
     if not any(weights):
         weights = [1.0] * num_fields
@@ -152,6 +257,28 @@ def replace_table(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module
     return model
 
 
+@torch.no_grad()
+def rewind_(model: nn.Module, initial: Mapping[str, torch.Tensor], keep: Sequence[nn.Parameter]) -> nn.Module:
+    """Load ``initial`` (a ``model.state_dict()`` copy) into ``model``, except the parameters in ``keep``.
+
+    ``keep`` holds parameter objects (OptEmbed's thresholds): they are told apart by identity, not by name, and
+    keep the values they have now. ``load_state_dict`` copies into the existing tensors, so every parameter
+    object (and an optimizer holding one) stays the same. Returns ``model``.
+
+    >>> net = nn.Linear(2, 1)
+    >>> start = {k: v.clone() for k, v in net.state_dict().items()}
+    >>> _ = net.weight.data.fill_(5.0), net.bias.data.fill_(7.0)
+    >>> _ = rewind_(net, start, keep=[net.bias])
+    >>> torch.equal(net.weight, start["weight"]), net.bias.item()
+    (True, 7.0)
+    """
+    kept = [(p, p.detach().clone()) for p in keep]
+    model.load_state_dict(initial)
+    for p, value in kept:
+        p.copy_(value)
+    return model
+
+
 @dataclass
 class StagedFit:
     """What the OptEmbed pipeline returns: the model with the exported table, its final result, and per stage
@@ -159,7 +286,7 @@ class StagedFit:
 
     model: nn.Module
     table: nn.Module
-    result: TrainResult
+    result: "TrainResult"
     stages: dict[str, float]
     details: dict
 
@@ -171,27 +298,43 @@ def _subset(split: Batch, rows: int | None, seed: int) -> Batch:
     return Batch(split.dense[idx], split.sparse[idx], split.labels[idx])
 
 
-def run_optembed(model: nn.Module, table, data: CTRData, cfg: TrainConfig) -> StagedFit:
-    """Train ``model`` (holding the OptEmbed ``table``) through all stages and return it with the export.
+def run_optembed(model: nn.Module, table, data: "CTRData", cfg: "TrainConfig",
+                 schedule: OptEmbedSchedule | None = None) -> StagedFit:
+    """Train ``model`` (holding the OptEmbed ``table``, in its supernet stage) through all stages as ``schedule``
+    says (``None``: the default :class:`OptEmbedSchedule`), and return it with the export swapped in.
 
-    1. supernet training with ``cfg`` (thresholds and the regulariser active, random widths per sample);
-    2. the row mask is fixed from the thresholds, and widths are searched on (a sample of) the validation split,
-       within ``table.budget_bytes``;
-    3. retraining with the mask and widths fixed, from the initial weights when ``table.rewind``;
+    1. supernet training with ``cfg`` (thresholds trained by plain SGD at ``schedule.threshold_lr`` under the
+       regulariser of weight ``schedule.alpha``, random widths per sample);
+    2. the row mask is fixed from the thresholds, and widths are searched (``schedule.search``) on a sample of
+       the validation split, within ``table.budget_bytes``;
+    3. retraining with the mask and widths fixed for ``schedule.retrain_epochs`` (default ``cfg.epochs``), from
+       the initial weights with the trained thresholds when ``schedule.rewind``;
     4. export; the exported model's outputs are checked against the retrained model's on validation rows.
     """
+    from sklearn.metrics import roc_auc_score
+
+    from .training import evaluate, predict, train
+
+    schedule = OptEmbedSchedule() if schedule is None else schedule
+    if not isinstance(schedule, OptEmbedSchedule):
+        raise ValueError(f"run_optembed: schedule must be an OptEmbedSchedule or None, got {schedule!r}")
+    if not any(m is table for m in model.modules()):
+        raise ValueError("run_optembed: the table is not a submodule of the model")
+    if table.stage != "supernet":
+        raise ValueError(f"run_optembed: the table must be in its supernet stage, not {table.stage!r}")
     stages: dict[str, float] = {}
-    initial = copy.deepcopy(model.state_dict()) if table.rewind else None
+    initial = copy.deepcopy(model.state_dict()) if schedule.rewind else None
 
     start = time.perf_counter()
+    table.set_threshold_training(lr=schedule.threshold_lr, alpha=schedule.alpha)
     supernet = train(model, data, cfg)
     stages["supernet"] = time.perf_counter() - start
 
     start = time.perf_counter()
     mask = table.current_row_mask()
     kept = table.kept_per_field(mask)
-    opts = table.search
-    val = _subset(data.split("val"), opts["search_rows"], cfg.seed)
+    search_cfg = schedule.search if schedule.search.seed is not None else replace(schedule.search, seed=cfg.seed)
+    val = _subset(data.split("val"), search_cfg.search_rows, search_cfg.seed)
     labels = val.labels.numpy()
     model.eval()
 
@@ -200,7 +343,6 @@ def run_optembed(model: nn.Module, table, data: CTRData, cfg: TrainConfig) -> St
         p = predict(model, val, batch_size=cfg.eval_batch_size, device=cfg.device)
         return float(roc_auc_score(labels, p)) if 0 < labels.sum() < len(labels) else math.nan
 
-    search_cfg = SearchConfig(**{k: v for k, v in opts.items() if k != "search_rows"}, seed=cfg.seed)
     search = evolutionary_search(
         table.num_fields, table.embedding_dim, fitness, lambda c: table.export_bytes(c, kept),
         budget_bytes=table.budget_bytes, weights=kept, cfg=search_cfg,
@@ -209,10 +351,9 @@ def run_optembed(model: nn.Module, table, data: CTRData, cfg: TrainConfig) -> St
 
     start = time.perf_counter()
     if initial is not None:
-        keep = {k: v for k, v in model.state_dict().items() if k.endswith(("threshold",))}
-        model.load_state_dict({**initial, **keep})
+        rewind_(model, initial, keep=[table.threshold])
     table.freeze(search.best, mask)
-    retrain_cfg = replace(cfg, epochs=table.retrain_epochs or cfg.epochs,
+    retrain_cfg = replace(cfg, epochs=schedule.retrain_epochs or cfg.epochs,
                           checkpoint=None if cfg.checkpoint is None else f"{cfg.checkpoint}.retrain")
     result = train(model, data, retrain_cfg)
     stages["retrain"] = time.perf_counter() - start

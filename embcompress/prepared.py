@@ -28,8 +28,9 @@
   mapped: a full disk is then an ``OSError`` at allocation, not a ``SIGBUS`` at the first unbacked page.
   Every ``OSError`` met while preparing becomes one :class:`OutputError` line naming the file (or folder) and
   the error.
-* **Label balance.** Positives are counted per split while the rows are written; a split with no positives,
-  no negatives or no rows gets a warning (:class:`DataWarning`), also listed in the manifest's ``warnings``.
+
+What is written inside the folder (arrays, vocabularies, manifest) is :mod:`embcompress.dataformat`; the inputs
+are read through :mod:`embcompress.textreader`.
 """
 
 from __future__ import annotations
@@ -40,91 +41,30 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
+from .dataformat import FORMATS, MANIFEST, combined_sha256, read_manifest
+from .dataformat import DataWarning  # noqa: F401 (the warning of a preparation: callers import it from here)
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no lock; leftovers are still removed
     fcntl = None
 
-__all__ = ["OutputError", "DataWarning", "Target", "BadLines", "prepare_into", "locked", "target",
-           "check_free_space", "allocate", "os_errors", "naming", "write_json_atomic", "read_manifest", "sha256_file",
-           "combined_sha256", "check_input_files", "utf8_error", "SplitLabels", "MANIFEST", "FORMATS"]
-
-MANIFEST = "manifest.json"
-#: on-disk formats of a prepared data set: Criteo TSV, and any CSV through a spec (embcompress.csvdata)
-FORMATS = ("embcompress-criteo", "embcompress-csv")
+__all__ = ["OutputError", "DataWarning", "Target", "prepare_into", "locked", "target", "side_paths",
+           "check_free_space", "allocate", "os_errors", "naming", "write_json_atomic", "sha256_file"]
 
 
 class OutputError(ValueError):
     """The output cannot be written (disk full, read-only folder, ...): one line naming the file and the error."""
 
 
-class DataWarning(UserWarning):
-    """A prepared data set that is valid but likely not what was meant (e.g. a split without positives)."""
-
-
 class _LockUnwritable(OutputError):
     """The lock file cannot be created: the folder beside the output is read-only (or not ours to write)."""
 
 
-# --------------------------------------------------------------------------------------------- inputs
-def check_input_files(paths: Sequence[Path]) -> None:
-    """Each input must be an existing regular file (a folder is named as such, not as missing)."""
-    for p in paths:
-        if p.is_dir():
-            raise ValueError(f"input {str(p)!r} is a directory; expected a file")
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {str(p)!r} does not exist")
-
-
-def utf8_error(line: bytes) -> UnicodeDecodeError | None:
-    """The decoding error of a line that is not valid UTF-8, else None."""
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return err
-    return None
-
-
-class BadLines:
-    """Bad input lines: ``on_bad_line="error"`` raises the first (file, 1-based line, ``detail``, then ``hint``);
-    ``"skip"`` counts them in ``skipped`` (the manifest's: total, per reason, the first 10 as ``file:line``)."""
-
-    def __init__(self, on_bad_line: str, hint: str):
-        self.on_bad_line, self.hint = on_bad_line, hint
-        self.skipped = {"total": 0, "by_reason": {}, "first": []}
-
-    def add(self, path: Path, line: int, reason: str, detail: str) -> None:
-        if self.on_bad_line == "error":
-            raise ValueError(f"{path}: line {line}: {detail}; {self.hint}")
-        self.skipped["total"] += 1
-        self.skipped["by_reason"][reason] = self.skipped["by_reason"].get(reason, 0) + 1
-        if len(self.skipped["first"]) < 10:
-            self.skipped["first"].append(f"{path.name}:{line}")
-
-
 # --------------------------------------------------------------------------------------------- files
-def read_manifest(out_dir: str | os.PathLike) -> dict:
-    """The manifest of a data set folder; errors name the file (missing, not JSON, not a JSON object)."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{out_dir}: no {MANIFEST}; prepare the data set with `embcompress data criteo`")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            m = json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); a prepared data set's manifest is a JSON object") from None
-    if not isinstance(m, dict):
-        raise ValueError(f"{path}: expected a JSON object (the manifest of a prepared data set), got a JSON "
-                         f"{type(m).__name__}")
-    return m
-
-
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write ``obj`` to a temporary file beside ``path`` and rename it over ``path`` (removed if writing fails)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -147,11 +87,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def combined_sha256(file_digests: Sequence[str]) -> str:
-    """The manifest's ``source_sha256``: the sha256 of the inputs' sha256 hex digests, concatenated in order."""
-    return hashlib.sha256("".join(file_digests).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- errors, space
@@ -465,43 +400,3 @@ def target(out: Path, fmt: str, options: dict, sources: list[dict], paths: Seque
         return Target(out, side_paths(out)["new"])
     _check_writable(out)  # in place, over what an interrupted run left
     return Target(out, out, existing=None if force else m)
-
-
-# --------------------------------------------------------------------------------------------- labels per split
-class SplitLabels:
-    """Rows and positives of each split, counted as rows are written (a split is a contiguous range of rows)."""
-
-    def __init__(self, splits: dict):
-        self.names = sorted(splits, key=lambda k: tuple(splits[k]))
-        self.starts = np.array([splits[k][0] for k in self.names], dtype=np.int64)
-        self.rows = {k: int(splits[k][1]) - int(splits[k][0]) for k in self.names}
-        self.positives = np.zeros(len(self.names), dtype=np.int64)
-
-    def add(self, at: np.ndarray, labels: np.ndarray) -> None:
-        """``at``: the written positions of rows whose labels (0/1) are ``labels``."""
-        idx = np.searchsorted(self.starts, np.asarray(at)[np.asarray(labels) != 0], side="right") - 1
-        self.positives += np.bincount(idx, minlength=len(self.names))
-
-    def counts(self) -> dict[str, int]:
-        return {k: int(p) for k, p in zip(self.names, self.positives)}
-
-    def warnings(self) -> list[str]:
-        out = []
-        for k, pos in self.counts().items():
-            rows = self.rows[k]
-            n = f"{rows:,} row{'s' if rows != 1 else ''}"
-            if rows == 0:
-                out.append(f"split {k!r} is empty (0 rows)")
-            elif pos == 0:
-                out.append(f"split {k!r} has no positive rows ({n}, all labels 0): its AUC is undefined")
-            elif pos == rows:
-                out.append(f"split {k!r} has no negative rows ({n}, all labels 1): its AUC is undefined")
-        return out
-
-    def record(self, manifest: dict) -> None:
-        """Put the counts and warnings into the manifest, and emit each warning as a :class:`DataWarning`."""
-        manifest["split_positives"] = self.counts()
-        manifest["warnings"] = self.warnings()
-        for w in manifest["warnings"]:
-            # the caller of prepare_criteo / prepare_csv (through prepare_into, the build function and _prepare)
-            warnings.warn(w, DataWarning, stacklevel=6)

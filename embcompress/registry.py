@@ -9,9 +9,10 @@ is built, so a typo is an error that names the key and what was expected.
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+from .specs import SpecError, check_kwargs, check_table_options
 
 __all__ = ["Registry", "RegistryError", "SpecError", "check_kwargs", "check_table_options"]
 
@@ -21,50 +22,6 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*\.v[0-9]+$")
 
 class RegistryError(LookupError, ValueError):
     """An unknown or duplicate registry name."""
-
-
-class SpecError(ValueError):
-    """A spec with a missing, unknown or invalid key."""
-
-
-def check_kwargs(target: Callable, kwargs: Mapping[str, Any], what: str, provided: tuple[str, ...] = ()) -> None:
-    """Raise :class:`SpecError` if ``kwargs`` holds keys that ``target`` does not accept, or lacks required ones.
-
-    ``provided`` names arguments the caller passes itself (for example the field cardinalities).
-    """
-    sig = inspect.signature(target)
-    accepted = {
-        n: p for n, p in sig.parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"
-    }
-    for key in kwargs:
-        if key in provided:
-            raise SpecError(f"{what}: key {key!r} is set by the caller and cannot appear in the spec")
-        if key not in accepted:
-            close = difflib.get_close_matches(key, list(accepted), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            options = ", ".join(n for n in accepted if n not in provided)
-            raise SpecError(f"{what}: unknown key {key!r}{hint} (accepted keys: {options})")
-    missing = [
-        n for n, p in accepted.items()
-        if p.default is p.empty and n not in kwargs and n not in provided
-    ]
-    if missing:
-        raise SpecError(f"{what}: missing required key(s) {', '.join(map(repr, missing))}")
-
-
-def check_table_options(cls, options: Mapping[str, Any], what: str) -> None:
-    """Check a table spec's options (``type`` removed) against ``cls``: its constructor's keys, and with a
-    ``budget_bytes`` key the constructor's keys less those the budget decides (``cls.budget_keys``)."""
-    if "budget_bytes" not in options:
-        check_kwargs(cls, options, what, provided=("cardinalities", "embedding_dim"))
-        return
-    solved = tuple(getattr(cls, "budget_keys", ()))
-    for key in solved:
-        if key in options:
-            raise SpecError(f"{what}: key {key!r} is solved from budget_bytes; give one or the other")
-    rest = {k: v for k, v in options.items() if k != "budget_bytes"}
-    check_kwargs(cls, rest, what, provided=("cardinalities", "embedding_dim", *solved))
 
 
 class Registry(Generic[T]):
@@ -126,21 +83,13 @@ TABLES: Registry = Registry("table")
 MODELS: Registry = Registry("model")
 
 
-def _load_builtins() -> None:
-    # The method and model files register themselves on import.
-    import embcompress.ctr_models  # noqa: F401
-    import embcompress.tables  # noqa: F401
-
-
 def list_tables() -> list[str]:
     """Registered table methods, e.g. ``['full.v1', 'hashing.v1']``."""
-    _load_builtins()
     return TABLES.names()
 
 
 def list_models() -> list[str]:
     """Registered CTR models, e.g. ``['dlrm.v1']``."""
-    _load_builtins()
     return MODELS.names()
 
 
@@ -163,7 +112,6 @@ def build_table(spec: Mapping[str, Any], cardinalities, embedding_dim: int, *, f
     >>> t.memory_report().total_bytes <= 4096
     True
     """
-    _load_builtins()
     cls, options = _split_spec(spec, TABLES)
     what = f"table spec {cls.registry_name!r}"
     check_table_options(cls, options, what)
@@ -178,7 +126,6 @@ def build_table(spec: Mapping[str, Any], cardinalities, embedding_dim: int, *, f
 
 def build_model(spec: Mapping[str, Any], embeddings, num_dense: int):
     """Build a CTR model from ``{"type": "dlrm.v1", ...options}`` around an embedding table."""
-    _load_builtins()
     cls, options = _split_spec(spec, MODELS)
     check_kwargs(cls, options, f"model spec {cls.registry_name!r}", provided=("embeddings", "num_dense"))
     return cls(embeddings, num_dense, **options)

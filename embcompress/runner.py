@@ -58,7 +58,9 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     start = time.perf_counter()
     if getattr(table, "trains_in_stages", False):
         # One method, several training stages; the table it reports is the one it exports.
-        fit = table.fit_staged(model, data, cfg)
+        schedule_type = getattr(type(table), "schedule_type", None)
+        schedule = schedule_type.from_dict(run.method.schedule, run.method.name) if schedule_type else None
+        fit = table.fit_staged(model, data, cfg, schedule)
         result, report = fit.result, fit.table.memory_report()
         staged = {"stage_seconds": fit.stages, "stages": fit.details}
     else:
@@ -79,8 +81,11 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
 
 
 def _run_fields(suite: Suite, run: Run) -> dict:
-    return {"suite": suite.name, "model": run.model.name, "method": run.method.name, "table": run.method.table,
-            "target_ratio": run.ratio, "seed": run.seed}
+    fields = {"suite": suite.name, "model": run.model.name, "method": run.method.name, "table": run.method.table,
+              "target_ratio": run.ratio, "seed": run.seed}
+    if run.method.schedule:
+        fields["schedule"] = run.method.schedule
+    return fields
 
 
 def _key_data(suite: Suite) -> dict[str, Any]:
@@ -93,10 +98,14 @@ def _key_data(suite: Suite) -> dict[str, Any]:
 
 
 def run_key(suite: Suite, run: Run) -> str:
-    """Hash of everything that determines one run's result, so a rerun can tell what is already done."""
+    """Hash of everything that determines one run's result, so a rerun can tell what is already done.
+
+    A staged method's schedule is hashed inside its table mapping, where those settings were written before they
+    became a schedule, so results of earlier runs keep their keys."""
     config = {
         "data": _key_data(suite), "embedding_dim": suite.embedding_dim, "model": run.model.spec, "train": suite.train,
-        "method": run.method.name, "table": run.method.table, "ratio": run.ratio, "seed": run.seed,
+        "method": run.method.name, "table": {**run.method.table, **run.method.schedule}, "ratio": run.ratio,
+        "seed": run.seed,
     }
     if suite.tune:  # absent without a grid, so the keys of suites without one are unchanged
         config["tune"] = [[k, list(v)] for k, v in suite.tune]
@@ -110,7 +119,8 @@ def trial_key(suite: Suite, run: Run, trial: dict[str, Any]) -> str:
         "data": _key_data(suite), "embedding_dim": suite.embedding_dim, "model": run.model.spec,
         "train": {**suite.train, **{k: v for k, v in trial.items() if k not in TABLE_TUNABLE}},
         "method": run.method.name,
-        "table": {**run.method.table, **{k: v for k, v in trial.items() if k in TABLE_TUNABLE}},
+        "table": {**run.method.table, **run.method.schedule,
+                  **{k: v for k, v in trial.items() if k in TABLE_TUNABLE}},
         "ratio": run.ratio, "seed": run.seed, "trial": True,
     }
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .memory import baseline_bytes
-from .registry import TABLES, SpecError, _load_builtins, build_table, check_table_options
+from .registry import TABLES, SpecError, build_table, check_table_options
 from .suite_check import check_known_keys, lookup, read_suite_yaml
 from .synthetic import CRITEO_KAGGLE_CARDINALITIES
 from .training import TrainConfig, make_optimizers as _optimizers, regularization as _regularization
@@ -72,7 +72,6 @@ def load_speed_suite(path: str | os.PathLike) -> SpeedSuite:
     if not isinstance(raw, dict) or not raw.get("methods"):
         raise SpecError(f"{where}: a speed suite is a mapping with a non-empty 'methods' list")
     check_known_keys(raw, _KEYS, where)
-    _load_builtins()
     methods = []
     for i, m in enumerate(raw["methods"]):
         mwhere = f"{where}: methods[{i}]"

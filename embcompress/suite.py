@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 from .contract import resolve_init_std
 from .data import CTRData
 from .memory import baseline_bytes
-from .registry import MODELS, TABLES, SpecError, _load_builtins, check_kwargs, check_table_options
+from .registry import MODELS, TABLES, SpecError, check_kwargs, check_table_options
 from .suite_check import (
     build_on_meta, check_known_keys, check_ratios, check_seeds, check_synthetic, check_train, check_train_value,
     check_unique_names, data_shape, is_int, lookup, read_suite_yaml,
@@ -46,7 +46,7 @@ TUNABLE = (
 )
 # Table options every table takes (the contract's), so a grid over them treats every method alike.
 TABLE_TUNABLE = ("init_std",)
-_METHOD_KEYS = ("name", "table", "compression")
+_METHOD_KEYS = ("name", "table", "compression", "schedule")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class MethodSpec:
     name: str
     table: dict[str, Any]
     compression: tuple[float, ...] = ()  # empty: built as given, without a budget
+    #: the staged training settings of a method that trains in stages, as written (its ``schedule_type`` reads it)
+    schedule: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,6 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
     if not isinstance(reference, bool):
         raise SpecError(f"{where}: reference must be true or false, got {reference!r}")
     seeds = check_seeds(raw.get("seeds"), where)
-    _load_builtins()
     model_list = [raw["model"]] if "model" in raw else raw["models"]
     if not isinstance(model_list, list) or not model_list:
         raise SpecError(f"{where}: models must be a non-empty list of model specs")
@@ -251,7 +252,16 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
         if ratios and "budget_bytes" in options:  # the ratio's budget would silently replace the given one
             raise SpecError(f"{mwhere}: table.budget_bytes and compression both set the size; give one of them")
         check_table_options(cls, {**options, **({"budget_bytes": 1} if ratios else {})}, f"{mwhere}.table")
-        methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table, compression=ratios))
+        schedule = m.get("schedule") or {}
+        if schedule:
+            schedule_type = getattr(cls, "schedule_type", None)
+            if schedule_type is None:
+                raise SpecError(f"{mwhere}.schedule: {cls.registry_name} trains in one stage and takes no schedule")
+            if not isinstance(schedule, dict):
+                raise SpecError(f"{mwhere}.schedule: expected a mapping of staged-training settings, got {schedule!r}")
+            schedule_type.from_dict(schedule, f"{mwhere}.schedule")
+        methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table, compression=ratios,
+                                  schedule=dict(schedule)))
     check_unique_names([m.name for m in methods], "methods", where)
     for i, m in enumerate(methods):
         fixed = sorted(k for k, _ in tune if k in m.table)

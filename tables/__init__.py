@@ -1,14 +1,14 @@
 """Table methods, one file each; importing a file registers its method (installed as ``embcompress.tables``)."""
 
 from .full import FullEmbedding
-from .hashing import HashingEmbedding
-from .unified import UnifiedEmbedding
-from .hash_embedding import HashEmbedding
+from .hashing import HashingEmbedding, HashingEmbeddingV2
+from .unified import UnifiedEmbedding, UnifiedEmbeddingV2
+from .hash_embedding import HashEmbedding, HashEmbeddingV2
 from .mixed_dim import MixedDimEmbedding
 from .qr import QREmbedding
 from .optembed import OptEmbed, OptEmbedExport
 
 __all__ = [
-    "FullEmbedding", "HashingEmbedding", "UnifiedEmbedding", "HashEmbedding", "MixedDimEmbedding", "QREmbedding",
-    "OptEmbed", "OptEmbedExport",
+    "FullEmbedding", "HashingEmbedding", "HashingEmbeddingV2", "UnifiedEmbedding", "UnifiedEmbeddingV2",
+    "HashEmbedding", "HashEmbeddingV2", "MixedDimEmbedding", "QREmbedding", "OptEmbed", "OptEmbedExport",
 ]

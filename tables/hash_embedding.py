@@ -1,4 +1,4 @@
-"""``hash_embedding.v1``: hash embeddings, an importance-weighted sum of k hashed rows.
+"""``hash_embedding.v1`` / ``.v2``: hash embeddings, an importance-weighted sum of k hashed rows.
 
 Svenstrup, Hansen & Winther, "Hash Embeddings for Efficient Word Representations", NeurIPS 2017; the
 multi-hash sum without weights is the scheme of spaCy/thinc's ``HashEmbed``.
@@ -6,7 +6,8 @@ multi-hash sum without weights is the scheme of spaCy/thinc's ``HashEmbed``.
 An id ``x`` of field ``f`` reads ``k`` rows of a pool ``E`` of ``B`` rows and mixes them with ``k`` trainable
 importance weights read from a table ``P`` of ``K`` rows by one more hash::
 
-    seed[f, i]  = field_seeds(seed, F * (k + 1))[f * (k + 1) + i]      i = 0..k
+    seed[f, i]  = field_seeds(seed, F * (k + 1))[f * (k + 1) + i]             i = 0..k  (.v1)
+    seed[f, i]  = mix64(mix64(mix64(seed) ^ f) ^ j_i), j_i = i (i < k), j_k = -1     (.v2, keyed_seeds)
     h_i(x)      = bucket(x, seed[f, i], B)       i < k: pool rows;  i = k: importance row (K = B)
     v(x)        = sum_i P[h_k(x), i] * E[h_i(x)]                   (plain sum_i E[h_i(x)] when weights=False)
     out(x)      = W @ concat(v(x), P[h_k(x)])     with append_weights=True, W of shape [D, D + k], no bias
@@ -23,13 +24,17 @@ Layout choices:
 * ``K = B`` (no separate option): the importance table grows with the budget at a fixed ``k / D`` share of the
   pool's bytes (12.5% for k=2, D=16), and one ``bucket`` call with one modulus yields all ``k + 1`` rows.
   The paper uses ``K`` near the vocabulary size, which would not compress the large fields at all.
-* Seeds are derived for ``k + 1`` hashes in both modes; with ``weights=False`` only the ``k`` pool seeds are
-  stored, so the pool rows of an id do not depend on ``weights``.
+* The pool rows of an id do not depend on ``weights``: with ``weights=False`` only the ``k`` pool seeds are
+  stored (``.v1`` derives ``k + 1`` seeds in both modes and drops the importance seed).
+* The versions differ in the seeds only (:mod:`embcompress.hashing`). ``.v1``'s depend on ``F`` and ``k``
+  (with ``seed > 0``, adding a field re-hashes every field); ``.v2``'s depend on ``(seed, f, i)`` alone, the
+  importance row taking the hash number ``-1``, which no pool hash uses, so that pool hash ``i`` is the same
+  for every ``k``. ``.v1`` stays as it was for its checkpoints; use ``.v2`` for new models.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +43,11 @@ from torch import nn
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, resolve_init_std,
 )
-from embcompress.hashing import bucket, field_seeds
+from embcompress.hashing import bucket, field_seeds, keyed_seeds
 from embcompress.registry import TABLES
+
+IMPORTANCE_HASH = -1  # the keyed (v2) hash number of the importance row; pool hashes are 0..k-1
+
 
 @TABLES.register("hash_embedding.v1")
 class HashEmbedding(CompressedEmbedding):
@@ -69,6 +77,8 @@ class HashEmbedding(CompressedEmbedding):
     """
 
     accepts_raw_ids = True
+    #: How the per-(field, hash) seeds derive from ``seed``: ``"counter"`` (``.v1``) or ``"keyed"`` (``.v2``).
+    seed_scheme: ClassVar[str] = "counter"
 
     def __init__(
         self,
@@ -107,8 +117,12 @@ class HashEmbedding(CompressedEmbedding):
             self.projection = nn.Parameter(torch.cat([torch.eye(D), torch.zeros(D, k)], dim=1))
         else:
             self.projection = None
-        seeds = field_seeds(int(seed), self.num_fields * (k + 1)).view(self.num_fields, k + 1)
-        self.register_buffer("seeds", seeds if weights else seeds[:, :k].clone())
+        if self.seed_scheme == "keyed":
+            seeds = keyed_seeds(seed, self.num_fields, [*range(k), *([IMPORTANCE_HASH] if weights else [])])
+        else:
+            seeds = field_seeds(int(seed), self.num_fields * (k + 1)).view(self.num_fields, k + 1)
+            seeds = seeds if weights else seeds[:, :k].clone()
+        self.register_buffer("seeds", seeds)
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         k = self.num_hashes
@@ -140,3 +154,21 @@ class HashEmbedding(CompressedEmbedding):
             f"{super().extra_repr()}, num_buckets={self.num_buckets}, num_hashes={self.num_hashes}, "
             f"weights={self.weights}, append_weights={self.append_weights}, sparse={self.sparse}"
         )
+
+
+@TABLES.register("hash_embedding.v2")
+class HashEmbeddingV2(HashEmbedding):
+    """``hash_embedding.v1`` with keyed seeds: field ``f``'s hash ``i`` is seeded by ``(seed, f, i)`` alone.
+
+    Same options, layout, bytes and forward as :class:`HashEmbedding`; only the seeds differ
+    (:func:`~embcompress.hashing.keyed_seeds`, the importance row's hash numbered ``-1``), so adding a field or
+    a hash leaves every other (field, hash) seed unchanged.
+
+    >>> import torch
+    >>> a = HashEmbeddingV2([10**9, 500], 8, num_buckets=1000, num_hashes=2)
+    >>> b = HashEmbeddingV2([10**9, 500, 3], 8, num_buckets=1000, num_hashes=3)
+    >>> torch.equal(a.seeds[:, :2], b.seeds[:2, :2]) and torch.equal(a.seeds[:, 2], b.seeds[:2, 3])
+    True
+    """
+
+    seed_scheme = "keyed"

@@ -1,4 +1,4 @@
-"""``hashing.v1``: the hashing trick for embedding tables, with an optional frequency-aware variant.
+"""``hashing.v1`` / ``.v2``: the hashing trick for embedding tables, with an optional frequency-aware variant.
 
 Weinberger et al., "Feature Hashing for Large Scale Multitask Learning", ICML 2009; applied to embedding
 tables e.g. in Shi et al., "Compositional Embeddings Using Complementary Partitions", KDD 2020 (the baseline).
@@ -20,12 +20,17 @@ so ids beyond any vocabulary are accepted and colliding ids share a row. Layouts
   on one). **This assumes frequency-ranked ids** and nothing checks it: with ids from another encoder the
   dedicated rows go to arbitrary values; rank them with :mod:`embcompress.frequency` (re-encode with
   ``frequency_ranks``, or wrap the table with ``build_frequency_ranked``, its remap counted in the budget).
+
+``hashing.v2`` is the same table with seeds that depend on (``seed``, field, hash) alone
+(:func:`~embcompress.hashing.keyed_seeds`): adding a field leaves the other fields' rows where they were, and
+the ``frequent`` variant's first hash is the plain variant's. ``hashing.v1`` keeps the seeds of
+:func:`~embcompress.hashing.field_seeds`, so its checkpoints keep their meaning; use ``.v2`` for new models.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +40,9 @@ from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_int, check_per_field, check_positive_int,
     check_seed, init_rows_, resolve_init_std,
 )
-from embcompress.hashing import bucket, field_seeds
+from embcompress.hashing import bucket, field_seeds, keyed_seeds
 from embcompress.registry import TABLES
+
 
 @TABLES.register("hashing.v1")
 class HashingEmbedding(CompressedEmbedding):
@@ -57,6 +63,9 @@ class HashingEmbedding(CompressedEmbedding):
         init_std: std of the returned vectors at initialisation (double-hashed rows start at ``init_std /
             sqrt(2)`` so their sums match); ``None``: the library default.
 
+    The per-(field, hash) seeds follow the class's :attr:`seed_scheme`: ``"counter"`` here
+    (:func:`~embcompress.hashing.field_seeds`), ``"keyed"`` in :class:`HashingEmbeddingV2`.
+
     >>> import torch
     >>> t = HashingEmbedding(10**12, 8, num_buckets=1000)  # a single table over raw 64-bit ids
     >>> t(torch.tensor([3, 2**40 + 7])).shape
@@ -66,6 +75,9 @@ class HashingEmbedding(CompressedEmbedding):
     >>> HashingEmbedding([5000, 40], 8, num_buckets=100, frequent=10)(torch.tensor([[4, 39]])).shape
     torch.Size([1, 2, 8])
     """
+
+    #: How the per-(field, hash) seeds derive from ``seed``: ``"counter"`` (``.v1``) or ``"keyed"`` (``.v2``).
+    seed_scheme: ClassVar[str] = "counter"
 
     def __init__(
         self,
@@ -110,7 +122,11 @@ class HashingEmbedding(CompressedEmbedding):
                 for k, m, off, d in zip(dedicated, rows, offsets, direct):
                     if not d:
                         self.weight[off + k : off + k + m].mul_(0.5**0.5)
-        self.register_buffer("seeds", field_seeds(int(seed), self.num_fields * num_hashes).view(-1, num_hashes))
+        if self.seed_scheme == "keyed":
+            seeds = keyed_seeds(seed, self.num_fields, num_hashes)
+        else:
+            seeds = field_seeds(int(seed), self.num_fields * num_hashes).view(-1, num_hashes)
+        self.register_buffer("seeds", seeds)
         # The hash modulus; a field with no hashed rows is direct, and 1 keeps its (unused) modulo defined.
         self.register_buffer("rows", torch.tensor([max(m, 1) for m in rows], dtype=torch.int64))
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
@@ -178,6 +194,23 @@ class HashingEmbedding(CompressedEmbedding):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rows={self.weight.shape[0]}, shared={self.shared}, "
                 f"frequent={self.frequent}, sparse={self.sparse}")
+
+
+@TABLES.register("hashing.v2")
+class HashingEmbeddingV2(HashingEmbedding):
+    """``hashing.v1`` with keyed seeds: field ``f``'s hash ``j`` is seeded by ``(seed, f, j)`` alone.
+
+    Same options, layout, bytes and forward as :class:`HashingEmbedding`; only the seeds differ
+    (:func:`~embcompress.hashing.keyed_seeds`), so adding a field leaves the other fields' rows unchanged.
+
+    >>> import torch
+    >>> a = HashingEmbeddingV2([1000, 50], 8, num_buckets=100)
+    >>> b = HashingEmbeddingV2([1000, 50, 20], 8, num_buckets=100)
+    >>> torch.equal(a.seeds, b.seeds[:2])
+    True
+    """
+
+    seed_scheme = "keyed"
 
 
 def water_fill(cardinalities: Sequence[int], total_rows: int) -> list[int]:

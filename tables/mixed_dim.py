@@ -46,11 +46,6 @@ with dense GEMMs (each row is placed in its part's slot of a zero ``[num_parts_d
 the stacked ``[num_parts_d * d, D]`` projections; with more such parts than ``D``, a batched matmul against
 gathered ``[d, D]`` matrices instead). The vectors then return to input order through a permutation whose
 backward is a gather, not a scatter-add.
-
-Speed (CPU, one thread, batch 4096 x 26 fields of Criteo Kaggle cardinalities / 100, D = 16, SparseAdam on rows
-and Adam on projections): a training step of the table takes about 1.3x the time of ``full.v1`` with sparse
-gradients (0.7x - 0.8x its speed) at 2x - 8x compression. The optimizer steps cost the same; the difference is
-the forward/backward of the table itself, whose full-table baseline is one gather with a free backward.
 """
 
 from __future__ import annotations
@@ -60,7 +55,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +67,10 @@ from embcompress.contract import (
 )
 from embcompress.registry import TABLES
 
-__all__ = ["MixedDimEmbedding", "MixedDimPlan", "plan_mixed_dims", "block_bounds", "zipf_block_popularity"]
+__all__ = [
+    "MixedDimEmbedding", "MixedDimPlan", "PlanBlock", "PlanPart", "plan_mixed_dims", "block_bounds",
+    "zipf_block_popularity",
+]
 
 _NAME = "mixed_dim.v1"
 _EULER_GAMMA = 0.5772156649015329
@@ -107,37 +105,58 @@ def zipf_block_popularity(n: int, start: int, stop: int) -> float:
     return (_harmonic(stop) - _harmonic(start)) / (_harmonic(n) * (stop - start))
 
 
+class PlanBlock(NamedTuple):
+    """One frequency block of a field: the ids ``[start, stop)`` and the width the power law gives them."""
+
+    field: int
+    start: int
+    stop: int
+    popularity: float  # p_b, the mean query probability of one id of the block
+    target_dim: float  # the real x_b (D for a block stored at full width)
+    projection_rows: int  # rows of the block's projection: its widest width below D (0: no projection)
+
+
+class PlanPart(NamedTuple):
+    """The ids ``[start, stop)`` of a field stored at one integer width ``dim``, within block ``block``."""
+
+    field: int
+    start: int
+    stop: int
+    dim: int
+    block: int  # index into MixedDimPlan.blocks
+
+
 @dataclass(frozen=True)
 class MixedDimPlan:
     """Where every row goes, and the exact bytes of the table built from it.
 
-    ``blocks``: ``(field, start, stop, popularity, target_dim, projection_rows)`` per block, ``target_dim`` the
-    real ``x_b`` (``D`` for blocks stored at full width). ``parts``: ``(field, start, stop, dim, block)``, the id
+    ``blocks``: one :class:`PlanBlock` per block, in field-major id order. ``parts``: the :class:`PlanPart` id
     ranges of one integer width within one block, in field-major id order (neighbouring full-width ranges of a
-    field need no projection and are merged into one part, named after its first block).
+    field need no projection and are merged into one part, named after its first block). Both are named tuples,
+    so they also unpack and compare as plain tuples.
     """
 
-    blocks: tuple[tuple[int, int, int, float, float, int], ...]
-    parts: tuple[tuple[int, int, int, int, int], ...]
+    blocks: tuple[PlanBlock, ...]
+    parts: tuple[PlanPart, ...]
     embedding_dim: int
     num_fields: int
 
     @property
     def dims(self) -> tuple[int, ...]:
         """The distinct widths, ascending."""
-        return tuple(sorted({p[3] for p in self.parts}))
+        return tuple(sorted({p.dim for p in self.parts}))
 
     @property
     def row_bytes(self) -> int:
-        return sum((stop - start) * d for _, start, stop, d, _ in self.parts) * _FP32_BYTES
+        return sum((p.stop - p.start) * p.dim for p in self.parts) * _FP32_BYTES
 
     @property
     def projection_bytes(self) -> int:
-        return sum(b[5] for b in self.blocks) * self.embedding_dim * _FP32_BYTES
+        return sum(b.projection_rows for b in self.blocks) * self.embedding_dim * _FP32_BYTES
 
     @property
     def max_parts_per_field(self) -> int:
-        return max(Counter(p[0] for p in self.parts).values())
+        return max(Counter(p.field for p in self.parts).values())
 
     @property
     def buffer_bytes(self) -> int:
@@ -145,7 +164,7 @@ class MixedDimPlan:
         # any field); per part its width group, row shift and projection slot; and the projection row of each of
         # the d rows of every projected part (the per-width projection stacks)
         per_field = 1 + self.max_parts_per_field - 1
-        stacked = sum(d for *_, d, _ in self.parts if d < self.embedding_dim)
+        stacked = sum(p.dim for p in self.parts if p.dim < self.embedding_dim)
         return (self.num_fields * per_field + 3 * len(self.parts) + stacked) * _INT64_BYTES
 
     @property
@@ -171,8 +190,8 @@ def plan_mixed_dims(
     """Blocks, their power-law dimensions and integer parts (see the module docstring). Pure Python: no tensors."""
     D = embedding_dim
     allowed = _allowed_dims(D, round_dims)
-    blocks: list[tuple[int, int, int, float, float, int]] = []
-    parts: list[tuple[int, int, int, int, int]] = []
+    blocks: list[PlanBlock] = []
+    parts: list[PlanPart] = []
     for f, n in enumerate(cardinalities):
         bounds = block_bounds(n, blocks_per_field)
         spans = list(zip(bounds, bounds[1:]))
@@ -208,12 +227,12 @@ def plan_mixed_dims(
             # A block's parts: its id range cut by the width runs.
             own = [(max(a, s), min(e, t), d) for s, t, d in widths if max(a, s) < min(e, t)]
             for s, t, d in own:
-                if d == D and parts and parts[-1][0] == f and parts[-1][3] == D:  # neighbouring full-width ids
-                    parts[-1] = (f, parts[-1][1], t, D, parts[-1][4])
+                if d == D and parts and parts[-1].field == f and parts[-1].dim == D:  # neighbouring full-width ids
+                    parts[-1] = parts[-1]._replace(stop=t)
                 else:
-                    parts.append((f, s, t, d, b))
-            blocks.append((f, a, e, p, float(D) if b - first_block < promoted else x,
-                           max((d for *_, d in own if d < D), default=0)))
+                    parts.append(PlanPart(f, s, t, d, b))
+            blocks.append(PlanBlock(f, a, e, p, float(D) if b - first_block < promoted else x,
+                                    max((d for *_, d in own if d < D), default=0)))
     return MixedDimPlan(tuple(blocks), tuple(parts), D, len(cardinalities))
 
 
@@ -304,7 +323,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         )
         self.dims = plan.dims
         group_of = {d: g for g, d in enumerate(self.dims)}
-        proj_base = list(itertools.accumulate((b[5] for b in plan.blocks), initial=0))
+        proj_base = list(itertools.accumulate((b.projection_rows for b in plan.blocks), initial=0))
         group_rows = [0] * len(self.dims)
         stacks: list[list[int]] = [[] for _ in self.dims]  # per width d: the projection rows of its parts
         first_part = [0] * self.num_fields
@@ -420,7 +439,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         plan = plan_mixed_dims(cards, embedding_dim, scale=0.0, alpha=alpha, blocks_per_field=blocks_per_field,
                                round_dims=round_dims)
         # Above this scale every block is at full width D: the largest table.
-        least_popular = min(b[3] for b in plan.blocks)
+        least_popular = min(b.popularity for b in plan.blocks)
         return BudgetKnob("scale", 0.0, 2.0 * embedding_dim / least_popular**alpha, lambda x: {"scale": float(x)},
                           integer=False)
 

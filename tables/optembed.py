@@ -2,16 +2,21 @@
 
 Lyu et al., "OptEmbed: Learning Optimal Embedding Table for Click-through Rate Prediction", CIKM 2022.
 
-The table trains in three stages (the pipeline is :func:`embcompress.optembed.run_optembed`; the benchmark
-runner calls it through :meth:`OptEmbed.fit_staged`):
+The table trains in three stages, driven by the pipeline :func:`embcompress.optembed.run_optembed` as an
+:class:`~embcompress.optembed.OptEmbedSchedule` says (the search, the thresholds' learning rate and regulariser,
+the rewind, the retraining epochs); the benchmark runner calls it through :meth:`OptEmbed.fit_staged`. The table
+holds only what shapes its rows and outputs (``threshold``, ``oov``, ``init_std``, ``sparse``) and the export's
+``budget_bytes``. Import direction: this module imports :mod:`embcompress.optembed` (the schedule type and the
+pipeline its hook calls), and the pipeline never imports this module, so there is no cycle.
 
 1. **Supernet** (``stage == "supernet"``). Rows live in one fused fp32 table. Each field ``f`` has a learnable
    threshold ``t_f`` (or one per row, ``threshold="id"``), initialised to 0. A looked-up row ``e_x`` is kept
    when ``u = ||e_x||_1 - t > 0``; the 0/1 mask passes gradient straight through, scaled by ``2 - 4|u|`` for
    ``|u| <= 0.4``, ``0.4`` for ``0.4 < |u| <= 1`` and 0 beyond (:class:`RowMaskSTE`). The loss gains
    ``alpha * sum(exp(-t))`` (:meth:`OptEmbed.regularization_loss`), which pushes thresholds up; thresholds are
-   updated by plain SGD at ``threshold_lr`` (:meth:`OptEmbed.sgd_parameter_groups`). In training, every
-   (sample, field) keeps only its first ``d ~ Uniform{1..D}`` dimensions, so every width is trained.
+   updated by plain SGD at ``threshold_lr`` (:meth:`OptEmbed.sgd_parameter_groups`); both are the schedule's,
+   set by :meth:`OptEmbed.set_threshold_training`. In training, every (sample, field) keeps only its first
+   ``d ~ Uniform{1..D}`` dimensions, so every width is trained.
 2. **Search**: the supernet is evaluated with fixed per-field widths (:meth:`OptEmbed.set_dims`).
 3. **Retrain** (``stage == "retrain"``): :meth:`OptEmbed.freeze` fixes the row mask and the widths; only kept
    rows, truncated to their field's width, reach the model. Thresholds no longer train.
@@ -41,10 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import (
-    BudgetError, CompressedEmbedding, as_cardinalities, check_bool, check_choice, check_int, check_number,
-    check_positive_int,
+    BudgetError, CompressedEmbedding, as_cardinalities, check_bool, check_choice, check_number,
 )
-from embcompress.registry import TABLES
+from embcompress.optembed import OptEmbedSchedule, StagedFit, run_optembed
+from embcompress.registry import TABLES, check_table_options
 
 __all__ = ["OptEmbed", "OptEmbedExport", "RowMaskSTE", "ste_scale", "THRESHOLD_MODES", "OOV_MODES", "STAGES"]
 
@@ -98,9 +103,16 @@ def _popcount64(x: torch.Tensor) -> torch.Tensor:
     return x & 0x7F
 
 
-def _dim_mask(widths: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[..., D]`` 0/1 mask keeping the first ``widths[...]`` dimensions."""
-    return (torch.arange(dim, device=widths.device) < widths.unsqueeze(-1)).to(torch.float32)
+def _dim_mask(widths: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., D]`` 0/1 mask of ``dtype`` (the rows' dtype) keeping the first ``widths[...]`` dimensions."""
+    return (torch.arange(dim, device=widths.device) < widths.unsqueeze(-1)).to(dtype)
+
+
+_DEFAULT_SCHEDULE = OptEmbedSchedule()
+# Options of OptEmbed tables saved before the schedule left the constructor (their checkpoints still load):
+# they shaped training only, never what the saved rows, thresholds and masks mean.
+_OLD_SCHEDULE_OPTIONS = ("threshold_lr", "alpha", "population", "keep", "mutations", "crossovers", "generations",
+                         "mutate_prob", "search_rows", "rewind", "retrain_epochs")
 
 
 @TABLES.register("optembed.v1")
@@ -111,17 +123,14 @@ class OptEmbed(CompressedEmbedding):
 
     Args:
         threshold: ``"field"`` (one threshold per field, as in the paper) or ``"id"`` (one per row).
-        threshold_lr: plain-SGD learning rate of the thresholds.
-        alpha: weight of the threshold regulariser ``alpha * sum(exp(-t))``.
         oov: what a pruned row outputs: ``"zero"`` or a ``"learned"`` vector per field.
         init_std: standard deviation of the initial rows.
         sparse: sparse row gradients (SparseAdam / sparse Adagrad update only the rows a batch touched).
         budget_bytes: the export's memory budget, used by the dimension search (``None``: no budget).
 
-    The remaining arguments configure the pipeline (:func:`embcompress.optembed.run_optembed`): evolution
-    (``population``, ``keep``, ``mutations``, ``crossovers``, ``generations``, ``mutate_prob``,
-    ``search_rows``), ``rewind`` (retrain from the weights at the start of supernet training), ``retrain_epochs``
-    (``None``: the suite's epochs).
+    How it trains (the search, the thresholds' learning rate and regulariser, the rewind, the retraining
+    epochs) is an :class:`~embcompress.optembed.OptEmbedSchedule` (:attr:`schedule_type`), given to
+    :meth:`fit_staged`; a suite gives it as the method's ``schedule:`` mapping.
 
     >>> import torch
     >>> t = OptEmbed([10, 3], 4)
@@ -130,15 +139,17 @@ class OptEmbed(CompressedEmbedding):
     >>> _ = t.eval().set_dims([2, 4])   # the supernet evaluated with widths 2 and 4
     >>> bool(t(torch.tensor([[9, 2]]))[0, 0, 2:].eq(0).all())
     True
+    >>> t.schedule_type.from_dict({"threshold_lr": 0.3, "generations": 10}).threshold_lr
+    0.3
     """
 
     trains_in_stages: ClassVar[bool] = True
     stochastic_training: ClassVar[bool] = True
-    # The pipeline settings shape training, not what the saved rows, thresholds and masks mean.
-    checkpoint_ignores: ClassVar[tuple[str, ...]] = (
-        "init_std", "sparse", "threshold_lr", "alpha", "budget_bytes", "population", "keep", "mutations",
-        "crossovers", "generations", "mutate_prob", "search_rows", "rewind", "retrain_epochs",
-    )
+    #: What :meth:`fit_staged` takes as ``schedule``; a runner builds it with ``schedule_type.from_dict(mapping)``.
+    schedule_type: ClassVar[type[OptEmbedSchedule]] = OptEmbedSchedule
+    # The init, the gradient layout and the search's budget shape training, not what the saved rows,
+    # thresholds and masks mean; nor did the schedule options older checkpoints carry.
+    checkpoint_ignores: ClassVar[tuple[str, ...]] = ("init_std", "sparse", "budget_bytes", *_OLD_SCHEDULE_OPTIONS)
 
     def __init__(
         self,
@@ -146,43 +157,21 @@ class OptEmbed(CompressedEmbedding):
         embedding_dim: int,
         *,
         threshold: str = "field",
-        threshold_lr: float = 1e-2,
-        alpha: float = 1e-2,
         oov: str = "zero",
         init_std: float = 1e-2,
         sparse: bool = False,
         budget_bytes: float | None = None,
-        population: int = 20,
-        keep: int = 10,
-        mutations: int = 10,
-        crossovers: int = 10,
-        generations: int = 30,
-        mutate_prob: float = 0.1,
-        search_rows: int | None = 50_000,
-        rewind: bool = True,
-        retrain_epochs: int | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         self.threshold_mode = check_choice("threshold", threshold, THRESHOLD_MODES, owner=self)
         self.oov_mode = check_choice("oov", oov, OOV_MODES, owner=self)
-        self.threshold_lr = check_number("threshold_lr", threshold_lr, positive=True, owner=self)
-        self.alpha = check_number("alpha", alpha, lo=0, owner=self)
         self.init_std = check_number("init_std", init_std, positive=True, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
         # The export's budget: typed here like every option, then whole bytes as the solver's budgets are.
         check_number("budget_bytes", budget_bytes, positive=True, optional=True, owner=self)
         self.budget_bytes = None if budget_bytes is None else self._check_budget(budget_bytes)
-        self.search = {
-            "population": check_positive_int("population", population, owner=self),
-            "keep": check_positive_int("keep", keep, owner=self),
-            "mutations": check_int("mutations", mutations, lo=0, owner=self),
-            "crossovers": check_int("crossovers", crossovers, lo=0, owner=self),
-            "generations": check_int("generations", generations, lo=0, owner=self),
-            "mutate_prob": check_number("mutate_prob", mutate_prob, lo=0, hi=1, owner=self),
-            "search_rows": check_positive_int("search_rows", search_rows, optional=True, owner=self),
-        }
-        self.rewind = check_bool("rewind", rewind, owner=self)
-        self.retrain_epochs = check_positive_int("retrain_epochs", retrain_epochs, optional=True, owner=self)
+        # The thresholds' training (the schedule's; run_optembed sets them): the default schedule's until then.
+        self.set_threshold_training(lr=_DEFAULT_SCHEDULE.threshold_lr, alpha=_DEFAULT_SCHEDULE.alpha)
 
         rows = sum(self.cardinalities)
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim).normal_(0.0, self.init_std))
@@ -262,9 +251,17 @@ class OptEmbed(CompressedEmbedding):
         out = e * keep.unsqueeze(-1)
         if self.oov is not None:
             out = out + (1 - keep).unsqueeze(-1) * self.oov[fields].expand(*rows.shape, -1)
-        return out * _dim_mask(widths, self.embedding_dim)
+        return out * _dim_mask(widths, self.embedding_dim, e.dtype)
 
     # ------------------------------------------------------------------------------------------ training hooks
+    def set_threshold_training(self, *, lr: float, alpha: float) -> "OptEmbed":
+        """Train the thresholds by plain SGD at ``lr`` under the regulariser ``alpha * sum(exp(-t))`` (in the
+        supernet stage; :func:`~embcompress.optembed.run_optembed` sets the schedule's ``threshold_lr`` and
+        ``alpha`` here)."""
+        self.threshold_lr = check_number("threshold_lr", lr, positive=True, owner=self)
+        self.alpha = check_number("alpha", alpha, lo=0, owner=self)
+        return self
+
     def regularization_loss(self) -> torch.Tensor | None:
         if self.stage != "supernet" or self.alpha == 0:
             return None
@@ -278,19 +275,22 @@ class OptEmbed(CompressedEmbedding):
 
     # -------------------------------------------------------------------------------------------- budget/export
     @classmethod
-    def from_budget(cls, cardinalities, embedding_dim, *, budget_bytes: int, **options):
+    def from_budget(cls, cardinalities: int | Sequence[int], embedding_dim: int, *, budget_bytes: int,
+                    **options) -> "OptEmbed":
         """The supernet stores every row; the budget is met by the export, through the dimension search.
 
-        Raises :class:`BudgetError` when even an export that keeps no row (the id map alone) is over budget.
-        The export's budget is at most the full table's bytes (:meth:`budget_ceiling`).
+        ``options`` are the constructor's other options, checked against its signature. Raises
+        :class:`BudgetError` when even an export that keeps no row (the id map alone) is over budget. The
+        export's budget is at most the full table's bytes (:meth:`budget_ceiling`).
         """
+        check_table_options(cls, {**options, "budget_bytes": budget_bytes}, f"{cls.registry_name}.from_budget")
         budget = min(cls._check_budget(budget_bytes), cls.budget_ceiling(cardinalities, embedding_dim))
-        cards = list(as_cardinalities(cardinalities))
+        cards = as_cardinalities(cardinalities, owner=cls)
         floor = OptEmbedExport.storage_bytes(cards, embedding_dim, [0] * len(cards), [1] * len(cards),
                                              learned_oov=options.get("oov") == "learned")
         if floor > budget:
-            raise BudgetError(f"optembed.v1: the export's id map alone needs {floor:,} bytes, over the budget of "
-                              f"{budget:,} bytes (minimum budget {floor:,})")
+            raise BudgetError(f"{cls.registry_name}: the export's id map alone needs {floor:,} bytes, over the "
+                              f"budget of {budget:,} bytes (minimum budget {floor:,})")
         return cls(cardinalities, embedding_dim, budget_bytes=budget, **options)
 
     def export_bytes(self, dims: Sequence[int], kept: Sequence[int] | None = None) -> int:
@@ -311,11 +311,11 @@ class OptEmbed(CompressedEmbedding):
             oov=None if self.oov is None else self.oov.detach(), field_names=self.field_names,
         )
 
-    def fit_staged(self, model: nn.Module, data, cfg):
-        """Run supernet training, search, retraining and export on ``model`` (which holds this table)."""
-        from embcompress.optembed import run_optembed
-
-        return run_optembed(model, self, data, cfg)
+    def fit_staged(self, model: nn.Module, data, cfg, schedule: OptEmbedSchedule | None = None) -> StagedFit:
+        """Run supernet training, search, retraining and export on ``model`` (which holds this table), as
+        ``schedule`` says (``None``: the default :class:`~embcompress.optembed.OptEmbedSchedule`): the staged
+        hook of the contract, :func:`embcompress.optembed.run_optembed` with this table."""
+        return run_optembed(model, self, data, cfg, schedule)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold_mode!r}, "
@@ -370,7 +370,7 @@ class OptEmbedExport(CompressedEmbedding):
     def from_rows(cls, cardinalities, embedding_dim: int, weight: torch.Tensor, row_mask: torch.Tensor,
                   dims: Sequence[int], *, oov: torch.Tensor | None = None, field_names=None) -> "OptEmbedExport":
         """Pack the kept rows of a fused ``[sum(n_f), D]`` table, field ``f`` truncated to ``dims[f]``."""
-        cards = list(cardinalities) if not isinstance(cardinalities, int) else [cardinalities]
+        cards = as_cardinalities(cardinalities, owner=cls)
         mask = row_mask.to(torch.bool).cpu()
         kept = _kept_per_field(mask, cards)
         table = cls(cardinalities, embedding_dim, kept=kept, dims=dims, learned_oov=oov is not None)
@@ -419,7 +419,7 @@ class OptEmbedExport(CompressedEmbedding):
         """Rebuild a saved export (its sizes are read from the saved widths and bitmap)."""
         # Exports saved before 2026-11-28 carry a popcount table and no trailing zeros.
         state = {k: v for k, v in state.items() if k != "popcount"}
-        cards = [cardinalities] if isinstance(cardinalities, int) else list(cardinalities)
+        cards = as_cardinalities(cardinalities, owner=cls)
         bits = ((state["bitmap"].unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1).bool()
         kept = _kept_per_field(bits, cards)
         table = cls(cardinalities, embedding_dim, kept=kept, dims=state["dims"].tolist(),

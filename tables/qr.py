@@ -239,7 +239,7 @@ class QREmbedding(CompressedEmbedding):
 
     def _rows_partition_first(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         # partition_rows laid out [k, ...]: the k gathered slices are then contiguous, which makes the
-        # product/sum and the full-field blend several times faster than on strided [..., j, :] views.
+        # product/sum and the full-field select several times faster than on strided [..., j, :] views.
         shape = (self.partitions,) + (1,) * (ids.dim() - fields.dim()) + tuple(fields.shape)
         x = ids.unsqueeze(0)
         if self._divide:
@@ -264,9 +264,9 @@ class QREmbedding(CompressedEmbedding):
             for j in range(1, self.partitions):
                 out = out * g[j]
         if self._mask_full:
-            # Full fields take their partition-0 row alone. lerp with weight 1 returns `end` exactly (ATen
-            # computes end - diff * (1 - w) for w >= 0.5) and sends no gradient to the composed branch.
-            out = torch.lerp(out, g[0], self.full[fields].unsqueeze(-1).to(out.dtype))
+            # Full fields take their partition-0 row alone: an exact select (the row bit for bit, even where the
+            # composed branch overflows), with no gradient through the composed branch.
+            out = torch.where(self.full[fields].unsqueeze(-1), g[0], out)
         return out
 
     def sparse_parameters(self) -> list[nn.Parameter]:

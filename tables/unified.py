@@ -1,4 +1,4 @@
-"""``unified.v1``: Unified Embedding, one hashed table multiplexed across all fields.
+"""``unified.v1`` / ``unified.v2``: Unified Embedding, one hashed table multiplexed across all fields.
 
 Coleman et al., "Unified Embedding: Battle-Tested Feature Representations for Web-Scale ML Systems",
 NeurIPS 2023.
@@ -8,7 +8,8 @@ rows (feature multiplexing) instead of each owning a slice of the budget, so a l
 from small ones and the whole budget is one knob. Field ``f`` makes ``k = chunks`` lookups, each with its own
 salted hash of (field, chunk), and concatenates them to ``D = k * d_chunk``:
 
-    seed[f, j]  = field_seeds(seed, F * k)[f * k + j]
+    seed[f, j]  = field_seeds(seed, F * k)[f * k + j]        (unified.v1)
+                = mix64(mix64(mix64(seed) ^ f) ^ j)          (unified.v2, keyed_seeds)
     row[f, j]   = bucket(id, seed[f, j], M) + table_offset[f]
     out[..., j * d_chunk:(j + 1) * d_chunk] = weight[row[f, j]]
 
@@ -16,11 +17,15 @@ The salts make the same raw id land on unrelated rows in different fields, and e
 unbounded non-negative ids. With ``num_tables = T > 1`` the fields are dealt round robin to ``T`` tables of
 ``M`` rows each (field ``f`` -> table ``f % T``), stored fused as one weight of ``T * M`` rows with per-field
 row offsets, so a batch is still one bucket call and one gather.
+
+The two versions differ in the seeds only (:mod:`embcompress.hashing`): ``.v1``'s depend on ``F`` and ``k``
+(with ``seed > 0``, adding a field re-hashes every field); ``.v2``'s depend on ``(seed, f, j)`` alone. ``.v1``
+stays as it was for its checkpoints; use ``.v2`` for new models.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +34,9 @@ from torch import nn
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, init_rows_, resolve_init_std,
 )
-from embcompress.hashing import bucket, field_seeds
+from embcompress.hashing import bucket, field_seeds, keyed_seeds
 from embcompress.registry import TABLES
+
 
 @TABLES.register("unified.v1")
 class UnifiedEmbedding(CompressedEmbedding):
@@ -57,6 +63,8 @@ class UnifiedEmbedding(CompressedEmbedding):
     """
 
     accepts_raw_ids = True
+    #: How the per-(field, chunk) seeds derive from ``seed``: ``"counter"`` (``.v1``) or ``"keyed"`` (``.v2``).
+    seed_scheme: ClassVar[str] = "counter"
 
     def __init__(
         self,
@@ -91,7 +99,10 @@ class UnifiedEmbedding(CompressedEmbedding):
         # Chunks are entries of the output, so each starts at init_std itself.
         self.weight = nn.Parameter(init_rows_(torch.empty(self.num_tables * self.num_buckets, self.chunk_dim),
                                               self.init_std))
-        seeds = field_seeds(int(seed), self.num_fields * self.chunks).view(self.num_fields, self.chunks)
+        if self.seed_scheme == "keyed":
+            seeds = keyed_seeds(seed, self.num_fields, self.chunks)
+        else:
+            seeds = field_seeds(int(seed), self.num_fields * self.chunks).view(self.num_fields, self.chunks)
         self.register_buffer("seeds", seeds.clone())
         offsets = [(f % self.num_tables) * self.num_buckets for f in range(self.num_fields)]
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
@@ -118,3 +129,20 @@ class UnifiedEmbedding(CompressedEmbedding):
             f"{super().extra_repr()}, num_buckets={self.num_buckets}, chunks={self.chunks}, "
             f"num_tables={self.num_tables}, sparse={self.sparse}"
         )
+
+
+@TABLES.register("unified.v2")
+class UnifiedEmbeddingV2(UnifiedEmbedding):
+    """``unified.v1`` with keyed seeds: field ``f``'s chunk ``j`` is seeded by ``(seed, f, j)`` alone.
+
+    Same options, layout, bytes and forward as :class:`UnifiedEmbedding`; only the seeds differ
+    (:func:`~embcompress.hashing.keyed_seeds`), so adding a field or a chunk leaves the other seeds unchanged.
+
+    >>> import torch
+    >>> a = UnifiedEmbeddingV2([10**9, 500], 8, num_buckets=1000, chunks=2)
+    >>> b = UnifiedEmbeddingV2([10**9, 500, 3], 8, num_buckets=1000, chunks=4)
+    >>> torch.equal(a.seeds, b.seeds[:2, :2])
+    True
+    """
+
+    seed_scheme = "keyed"

@@ -13,11 +13,14 @@ from embcompress.memory import baseline_bytes
 from embcompress.tables import (
     FullEmbedding,
     HashEmbedding,
+    HashEmbeddingV2,
     HashingEmbedding,
+    HashingEmbeddingV2,
     MixedDimEmbedding,
     OptEmbed,
     QREmbedding,
     UnifiedEmbedding,
+    UnifiedEmbeddingV2,
 )
 
 from .conftest import CARDS, DIM, make_table
@@ -55,6 +58,15 @@ HAND_COUNTS = {
     # pool 6 x D=4 and importance 6 x k=2 fp32; projection D x (D + k) fp32; per field k + 1 = 3 int64 seeds
     "hash_embedding.v1": (
         lambda: HashEmbedding([10, 3, 7], 4, num_buckets=6, append_weights=True),
+        6 * (4 + 2) * 4 + 4 * (4 + 2) * 4 + 3 * 3 * 8,
+    ),
+    # the .v2 names store what their .v1 stores (only the seeds' values differ)
+    "hashing.v2": (lambda: HashingEmbeddingV2([100, 3, 50], 4, num_buckets=[10, 5, 60]), 63 * 4 * 4 + 3 * 25),
+    "unified.v2": (
+        lambda: UnifiedEmbeddingV2([10, 3, 7], 4, num_buckets=5, chunks=2, num_tables=2), 10 * 2 * 4 + 3 * 2 * 8 + 3 * 8
+    ),
+    "hash_embedding.v2": (
+        lambda: HashEmbeddingV2([10, 3, 7], 4, num_buckets=6, append_weights=True),
         6 * (4 + 2) * 4 + 4 * (4 + 2) * 4 + 3 * 3 * 8,
     ),
     # the supernet: 20 rows x D=4 fp32 and 3 fp32 field thresholds; int64 offsets [3], stage code and dims [3];

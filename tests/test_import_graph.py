@@ -22,21 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Cycles that exist today and are someone else's to remove, each allowed by the one import edge
 # (importer, imported) that closes it. Remove an entry when its fix lands; the test then holds the line.
 # Everything not listed here must form a DAG.
-KNOWN_CYCLES: dict[tuple[str, str], str] = {
-    # criteo.py lazily imports csvdata.read_vocab while csvdata.py imports four private helpers of criteo.py
-    # at module level (issue 15, item 3: a shared reader / vocabulary / on-disk-format split, in progress).
-    ("embcompress.criteo", "embcompress.csvdata"): "criteo <-> csvdata",
-    # OptEmbed.fit_staged lazily imports embcompress.optembed.run_optembed, the pipeline that trains the table
-    # (issue 15, item 1: the table becomes a table and the schedule moves to embcompress/optembed.py, in progress).
-    ("embcompress.tables.optembed", "embcompress.optembed"): "tables/optembed <-> embcompress/optembed",
-    # CompressedEmbedding.from_budget / budget_ceiling lazily import the registry (check_table_options, TABLES),
-    # and the registry reaches every table file, which imports the contract.
-    ("embcompress.contract", "embcompress.registry"): "contract -> registry -> tables.* -> contract",
-    # registry._load_builtins imports the built-in method and model packages on first lookup; each of their files
-    # imports the registry to register itself (registration by import).
-    ("embcompress.registry", "embcompress.tables"): "registry -> tables -> tables.* -> registry",
-    ("embcompress.registry", "embcompress.ctr_models"): "registry -> ctr_models -> ctr_models.* -> registry",
-}
+KNOWN_CYCLES: dict[tuple[str, str], str] = {}
 
 
 def package_dirs() -> dict[str, Path]:

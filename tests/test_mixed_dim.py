@@ -10,7 +10,9 @@ from embcompress import BudgetError
 from embcompress.memory import baseline_bytes
 from embcompress.tables import mixed_dim
 from embcompress.tables.full import FullEmbedding
-from embcompress.tables.mixed_dim import MixedDimEmbedding, block_bounds, plan_mixed_dims, zipf_block_popularity
+from embcompress.tables.mixed_dim import (
+    MixedDimEmbedding, PlanBlock, PlanPart, block_bounds, plan_mixed_dims, zipf_block_popularity,
+)
 
 BUDGET_CARDS = [100_000, 20_000, 3_000, 500, 40, 3]
 
@@ -316,6 +318,19 @@ def test_bad_options_raise_naming_the_value(options, match):
 def test_bad_dim_in_from_budget_raises():
     with pytest.raises(ValueError, match="embedding_dim.*0"):
         MixedDimEmbedding.from_budget([100, 10], 0, budget_bytes=10_000)
+
+
+def test_plan_entries_are_named_tuples():
+    plan = MixedDimEmbedding([1000, 10], 8, scale=40.0, alpha=0.5).plan
+    first, _, full = plan.parts
+    assert isinstance(first, PlanPart) and (first.field, first.start, first.stop, first.dim, first.block) == (
+        0, 0, 265, 2, 0)
+    assert full.dim == 8 and full.field == 1 and full.block == 1
+    block = plan.blocks[0]
+    assert isinstance(block, PlanBlock) and block.field == 0 and (block.start, block.stop) == (0, 1000)
+    assert block.popularity == pytest.approx(1e-3) and block.target_dim == pytest.approx(40 * 1e-3**0.5)
+    assert block.projection_rows == 2 and plan.blocks[1].projection_rows == 0  # field 1: full width, no projection
+    assert plan.projection_bytes == 2 * 8 * 4
 
 
 def test_docstring_examples_run():

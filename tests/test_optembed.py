@@ -1,8 +1,12 @@
-"""OptEmbed: the straight-through mask, the regulariser, the budgeted search, retraining and the compact export."""
+"""OptEmbed: the straight-through mask, the regulariser, the budgeted search, the schedule, retraining and the
+compact export."""
 
+import copy
+import inspect
 import io
 import random
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -10,8 +14,10 @@ import yaml
 from embcompress.bench import load_suite, run_suite
 from embcompress.contract import BudgetError
 from embcompress.memory import baseline_bytes
-from embcompress.optembed import SearchConfig, evolutionary_search, replace_table, run_optembed
-from embcompress.registry import build_model, build_table
+from embcompress.optembed import (
+    OptEmbedSchedule, SearchConfig, evolutionary_search, replace_table, rewind_, run_optembed,
+)
+from embcompress.registry import SpecError, build_model, build_table
 from embcompress.synthetic import SyntheticConfig, make_synthetic
 from embcompress.tables.optembed import OptEmbed, OptEmbedExport, RowMaskSTE
 from embcompress.training import TrainConfig, predict
@@ -50,7 +56,7 @@ def test_threshold_gradient_flows_through_the_mask_of_looked_up_rows():
 
 
 def test_regulariser_gradient_pushes_thresholds_up():
-    table = OptEmbed(CARDS, 8, alpha=0.5, threshold_lr=0.1)
+    table = OptEmbed(CARDS, 8).set_threshold_training(lr=0.1, alpha=0.5)
     reg = table.regularization_loss()
     assert reg.item() == pytest.approx(0.5 * len(CARDS))  # alpha * sum(exp(-0)) at t = 0
     reg.backward()
@@ -63,7 +69,7 @@ def test_regulariser_gradient_pushes_thresholds_up():
 def test_training_loop_updates_thresholds_with_their_own_sgd_rate():
     data = make_synthetic(SyntheticConfig(rows=6000, seed=3))
     torch.manual_seed(0)
-    table = build_table({"type": "optembed.v1", "threshold_lr": 0.5, "alpha": 0.1}, data.cardinalities, 8)
+    table = build_table({"type": "optembed.v1"}, data.cardinalities, 8).set_threshold_training(lr=0.5, alpha=0.1)
     model = build_model({"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [8]}, table, data.num_dense)
     from embcompress.training import train
 
@@ -101,8 +107,10 @@ def test_pruned_rows_output_zero_or_the_learned_field_vector():
 def test_bad_options_name_the_value():
     with pytest.raises(ValueError, match="threshold must be one of"):
         OptEmbed(CARDS, 4, threshold="row")
+    with pytest.raises(ValueError, match="optembed.v1: oov must be one of .*got 'none'"):
+        OptEmbed(CARDS, 4, oov="none")
     with pytest.raises(ValueError, match="optembed.v1: threshold_lr must be a positive finite number, got 0"):
-        OptEmbed(CARDS, 4, threshold_lr=0)
+        OptEmbed(CARDS, 4).set_threshold_training(lr=0, alpha=0.1)
     with pytest.raises(ValueError, match=r"dims must lie in \[1, 4\]"):
         OptEmbed(CARDS, 4).set_dims([1, 2, 5, 1])
     with pytest.raises(ValueError, match="one width per field"):
@@ -295,15 +303,17 @@ def test_pipeline_lands_under_budget_and_exports_the_retrained_model(small_data)
     data = small_data
     budget = baseline_bytes(data.cardinalities, 8) / 8
     torch.manual_seed(0)
-    table = build_table({"type": "optembed.v1", "budget_bytes": budget, "threshold_lr": 1.0, "generations": 2,
-                         "search_rows": 800}, data.cardinalities, 8)
+    table = build_table({"type": "optembed.v1", "budget_bytes": budget}, data.cardinalities, 8)
     model = build_model({"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [8]}, table, data.num_dense)
-    fit = run_optembed(model, table, data, TrainConfig(epochs=2, batch_size=256, lr=0.01, progress=False))
+    schedule = OptEmbedSchedule(threshold_lr=1.0, search=SearchConfig(generations=2, search_rows=800))
+    fit = run_optembed(model, table, data, TrainConfig(epochs=2, batch_size=256, lr=0.01, progress=False), schedule)
     assert isinstance(fit.table, OptEmbedExport) and model.embeddings is fit.table
     assert fit.table.memory_report().total_bytes <= budget
     assert set(fit.stages) == {"supernet", "search", "retrain", "export"}
     assert fit.details["kept_rows"] < fit.details["total_rows"]
     assert fit.details["dims"] == fit.table.dims.tolist()
+    assert len(fit.details["search_history"]) == 3  # the schedule's 2 generations after the initial population
+    assert table.threshold_lr == 1.0  # the schedule's rate trained the thresholds
     assert 0.5 < fit.result.test_auc <= 1
 
 
@@ -314,7 +324,7 @@ def test_the_runner_treats_optembed_as_one_method(tmp_path):
         "model": {"type": "dlrm.v1", "bottom_mlp": [8], "top_mlp": [8]},
         "train": {"epochs": 1, "batch_size": 500},
         "methods": [{"name": "optembed", "compression": [4],
-                     "table": {"type": "optembed.v1", "generations": 1, "search_rows": 500}}],
+                     "table": {"type": "optembed.v1"}}],
     }))
     records = run_suite(load_suite(suite_file), tmp_path / "out", progress=False)
     (rec,) = [r for r in records if r["status"] != "reference"]
@@ -328,7 +338,136 @@ def test_suite_spec_typos_in_optembed_options_are_caught(tmp_path):
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text(yaml.safe_dump({
         "data": {"synthetic": {"rows": 1000}}, "model": {"type": "lr.v1"},
-        "methods": [{"compression": [4], "table": {"type": "optembed.v1", "generation": 3}}],
+        "methods": [{"compression": [4], "table": {"type": "optembed.v1", "treshold": "id"}}],
     }))
-    with pytest.raises(ValueError, match="did you mean 'generations'"):
+    with pytest.raises(ValueError, match="did you mean 'threshold'"):
         load_suite(suite_file)
+    # The schedule's options are not table options any more: the table refuses them by name.
+    with pytest.raises(SpecError, match="unknown key 'generations'"):
+        build_table({"type": "optembed.v1", "generations": 3}, CARDS, 4)
+
+
+# ------------------------------------------------------------------------------------------- the schedule
+def test_the_table_takes_only_table_options():
+    options = [n for n, p in inspect.signature(OptEmbed).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert options == ["threshold", "oov", "init_std", "sparse", "budget_bytes"]
+    assert OptEmbed.schedule_type is OptEmbedSchedule
+    hook = inspect.signature(OptEmbed.fit_staged).parameters
+    assert list(hook) == ["self", "model", "data", "cfg", "schedule"] and hook["schedule"].default is None
+
+
+def test_schedule_from_a_flat_mapping():
+    schedule = OptEmbedSchedule.from_dict({"threshold_lr": 0.3, "generations": 10, "search_rows": 20000,
+                                           "rewind": False, "retrain_epochs": np.int64(2), "seed": 7})
+    assert schedule == OptEmbedSchedule(threshold_lr=0.3, rewind=False, retrain_epochs=2,
+                                        search=SearchConfig(generations=10, search_rows=20000, seed=7))
+    assert type(schedule.retrain_epochs) is int
+    assert OptEmbedSchedule.from_dict({}) == OptEmbedSchedule.from_dict(None) == OptEmbedSchedule()
+    assert set(OptEmbedSchedule.keys()) == {"population", "keep", "mutations", "crossovers", "generations",
+                                            "mutate_prob", "seed", "search_rows", "threshold_lr", "alpha",
+                                            "rewind", "retrain_epochs"}
+
+
+@pytest.mark.parametrize("mapping, pattern", [
+    ({"generation": 3}, r"^suite\.yaml: methods\[2\]\.schedule: unknown key 'generation'; did you mean 'generations'"),
+    ({"threshold": 0.1}, r"unknown key 'threshold'; did you mean 'threshold_lr'"),
+    ({"search": {"generations": 3}}, r"unknown key 'search'.*accepted keys: population"),
+    ({"rewind": "no"}, r"methods\[2\]\.schedule: OptEmbedSchedule: rewind must be a bool.*'no'"),
+    ({"mutations": 2.7}, r"SearchConfig: mutations must be a non-negative int.*2\.7"),
+    ({"generations": "5"}, r"SearchConfig: generations must be a non-negative int.*'5'"),
+    ({"threshold_lr": 0}, r"OptEmbedSchedule: threshold_lr must be a positive finite number, got 0"),
+    ({"alpha": -1.0}, r"OptEmbedSchedule: alpha must be a finite number >= 0, got -1\.0"),
+    ({"retrain_epochs": 0}, r"OptEmbedSchedule: retrain_epochs must be a positive int or None, got 0"),
+    ({"search_rows": 0}, r"SearchConfig: search_rows must be a positive int or None, got 0"),
+    ([("generations", 3)], r"a schedule is a mapping"),
+])
+def test_bad_schedules_name_the_key_and_value(mapping, pattern):
+    with pytest.raises(SpecError, match=pattern):
+        OptEmbedSchedule.from_dict(mapping, "suite.yaml: methods[2].schedule")
+
+
+def test_schedule_fields_are_validated_when_built():
+    with pytest.raises(ValueError, match="OptEmbedSchedule: search must be a SearchConfig, got {'generations': 3}"):
+        OptEmbedSchedule(search={"generations": 3})
+    with pytest.raises(ValueError, match="OptEmbedSchedule: rewind must be a bool"):
+        OptEmbedSchedule(rewind=1)
+    with pytest.raises(ValueError, match="run_optembed: schedule must be an OptEmbedSchedule"):
+        run_optembed(nn_holding(OptEmbed(CARDS, 4)), None, None, TrainConfig(), schedule={"rewind": False})
+
+
+def nn_holding(table):
+    return build_model({"type": "lr.v1"}, table, 0)
+
+
+def test_rewind_keeps_the_threshold_objects_and_restores_everything_else():
+    table = OptEmbed(CARDS, 4, oov="learned")
+    model = build_model({"type": "dlrm.v1", "bottom_mlp": [4], "top_mlp": [4]}, table, 3)
+    initial = copy.deepcopy(model.state_dict())
+    threshold = table.threshold
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trained = threshold.detach().clone()
+    rewind_(model, initial, keep=[table.threshold])
+    assert table.threshold is threshold and torch.equal(table.threshold, trained)
+    for name, value in model.state_dict().items():
+        if name.endswith("_extra_state"):
+            continue
+        expected = trained if value.data_ptr() == threshold.data_ptr() else initial[name]
+        assert torch.equal(value, expected), name
+
+
+def test_fit_staged_passes_the_schedule(small_data):
+    torch.manual_seed(0)
+    table = build_table({"type": "optembed.v1", "budget_bytes": baseline_bytes(small_data.cardinalities, 8) / 2},
+                        small_data.cardinalities, 8)
+    model = build_model({"type": "lr.v1"}, table, small_data.num_dense)
+    schedule = OptEmbedSchedule.from_dict({"generations": 1, "search_rows": 300, "threshold_lr": 0.5,
+                                           "rewind": False, "retrain_epochs": 1})
+    fit = table.fit_staged(model, small_data, TrainConfig(epochs=1, batch_size=1000, progress=False), schedule)
+    assert len(fit.details["search_history"]) == 2 and table.threshold_lr == 0.5
+    assert len(fit.result.history) == 1  # retrain_epochs
+    with pytest.raises(ValueError, match="not a submodule"):  # the model serves the export now
+        table.fit_staged(model, small_data, TrainConfig(epochs=1, progress=False), schedule)
+    with pytest.raises(ValueError, match="supernet stage, not 'retrain'"):  # the table was frozen
+        table.fit_staged(nn_holding(table), small_data, TrainConfig(epochs=1, progress=False), schedule)
+
+
+# ------------------------------------------------------------------------------------- dtypes and numpy ints
+def test_a_bf16_table_returns_bf16_in_every_stage():
+    table = OptEmbed(CARDS, 8, oov="learned").to(torch.bfloat16)
+    ids = ids_for(CARDS, 16)
+    assert table.train()(ids).dtype == torch.bfloat16
+    assert table.eval().set_dims([1, 2, 3, 4])(ids).dtype == torch.bfloat16
+    assert table.freeze([1, 2, 3, 4])(ids).dtype == torch.bfloat16
+
+
+def test_numpy_int_cardinalities_are_accepted():
+    cards = [np.int64(c) for c in CARDS]
+    table = OptEmbed(cards, np.int64(4)).eval()
+    assert table.cardinalities == tuple(CARDS)
+    assert OptEmbed.from_budget(cards, 4, budget_bytes=10**5).cardinalities == tuple(CARDS)
+    mask = torch.rand(sum(CARDS), generator=torch.Generator().manual_seed(0)) < 0.5
+    weight = torch.randn(sum(CARDS), 4)
+    export = OptEmbedExport.from_rows(cards, 4, weight, mask, [4, 3, 2, 1])
+    single = OptEmbedExport.from_rows(np.int64(50), 4, weight[:50], mask[:50], [3])
+    assert single.single and single(torch.tensor([0, 49])).shape == (2, 4)
+    ids = ids_for(CARDS, 64)
+    assert torch.equal(OptEmbedExport.from_state_dict(export.state_dict(), cards, 4)(ids), export(ids))
+    loaded = OptEmbedExport.from_state_dict(single.state_dict(), np.int64(50), 4)
+    assert torch.equal(loaded(torch.arange(50)), single(torch.arange(50)))
+
+
+def test_a_checkpoint_saved_with_the_old_schedule_options_still_loads():
+    table = _frozen_table()
+    state = table.state_dict()
+    extra = state["_extra_state"]
+    old = {**extra["options"], "threshold_lr": 0.3, "alpha": 0.01, "population": 20, "keep": 10, "mutations": 10,
+           "crossovers": 10, "generations": 10, "mutate_prob": 0.1, "search_rows": 20000, "rewind": True,
+           "retrain_epochs": None}
+    fresh = OptEmbed(CARDS, 8, init_std=0.3).eval()
+    fresh.load_state_dict({**state, "_extra_state": {**extra, "options": old}})
+    ids = ids_for(CARDS)
+    assert fresh.stage == "retrain" and torch.equal(fresh(ids), table(ids))
+    with pytest.raises(ValueError, match="built with threshold='field'; this table has threshold='id'"):
+        OptEmbed(CARDS, 8, threshold="id").load_state_dict(state)

@@ -582,13 +582,15 @@ def test_read_only_folder_rerun_over_a_finished_data_set_is_already_prepared(tmp
 
 
 def test_bad_lines_shared_counter():
-    from embcompress import csvdata, prepared
+    from embcompress import criteo_rows, csvdata, textreader
 
-    assert criteo.utf8_error is prepared.utf8_error and csvdata.check_input_files is prepared.check_input_files
-    bad = prepared.BadLines("skip", "hint")
+    assert criteo_rows.utf8_error is textreader.utf8_error and csvdata.utf8_error is textreader.utf8_error
+    assert criteo.check_input_files is textreader.check_input_files is csvdata.check_input_files
+    assert criteo.BadLines is textreader.BadLines is csvdata.BadLines
+    bad = textreader.BadLines("skip", "hint")
     for line in range(12):
         bad.add(Path("d/f.csv"), line + 1, "dense" if line % 2 else "label", "detail")
     assert bad.skipped == {"total": 12, "by_reason": {"label": 6, "dense": 6},
                            "first": [f"f.csv:{k}" for k in range(1, 11)]}
     with pytest.raises(ValueError, match=r"^d/f\.csv: line 3: bad value; use skip$"):
-        prepared.BadLines("error", "use skip").add(Path("d/f.csv"), 3, "dense", "bad value")
+        textreader.BadLines("error", "use skip").add(Path("d/f.csv"), 3, "dense", "bad value")

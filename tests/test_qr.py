@@ -174,6 +174,28 @@ def test_threshold_fields_keep_a_full_table(op):
         t(torch.tensor([[0, 0, 13]]))
 
 
+@pytest.mark.parametrize("op, k", [("mult", 2), ("add", 2), ("mult", 3)])
+def test_full_fields_return_their_row_bit_exactly_even_where_the_composed_branch_overflows(op, k):
+    # A full field's partitions all read its one row; its "composed" value (row**k, k * row) overflows to inf for
+    # 3e38, and a blend such as lerp(inf, row, 1) = row - (row - inf) * 0 would return NaN there.
+    t = QREmbedding([1000, 13], 4, collisions=10, partitions=k, threshold=20, operation=op)
+    assert t.full.tolist() == [False, True]
+    full_rows = t.offsets[1, 0] + torch.arange(13)
+    with torch.no_grad():
+        t.weight[full_rows] = torch.randn(13, 4) / 3
+        t.weight[full_rows[5]] = torch.tensor([3e38, -3e38, 1e-45, 1 / 3])
+    ids = torch.tensor([[999, 5], [3, 12], [0, 0]])
+    out = t(ids)
+    assert torch.equal(out[:, 1], t.weight[t.offsets[1, 0] + ids[:, 1]])
+    assert torch.isfinite(out[:, 0]).all()
+    # A full row's gradient is the output's, exactly: nothing comes through the composed branch (checked on rows
+    # whose partial products stay finite; 0 * inf in the product's backward would be NaN whatever the select).
+    t(ids[1:])[:, 1].sum().backward()
+    expected = torch.zeros(13, 4)
+    expected[[12, 0]] = 1.0
+    assert torch.equal(t.weight.grad[full_rows], expected)
+
+
 @pytest.mark.parametrize("options", [
     dict(), dict(operation="add"), dict(operation="concat"), dict(partitions=3), dict(partitions=3, scheme="crt"),
     dict(partitions=3, operation="add"), dict(partitions=4, operation="concat"),

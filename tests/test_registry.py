@@ -153,8 +153,8 @@ def test_non_string_name_raises(name):
 
 def test_global_registry_suggests_close_match():
     embcompress.list_tables()
-    with pytest.raises(RegistryError, match="Did you mean 'hashing.v1'"):
-        TABLES.get("hashing.v2")
+    with pytest.raises(RegistryError, match="Did you mean .*'hashing.v1'"):
+        TABLES.get("hashing.v9")
     with pytest.raises(RegistryError, match="Did you mean 'dlrm.v1'"):
         MODELS.get("dlrm.v2")
 
@@ -273,8 +273,8 @@ def test_build_table_caller_keys_in_spec(key, value):
 
 
 def test_build_table_unknown_type():
-    with pytest.raises(RegistryError, match="Did you mean 'hashing.v1'"):
-        build_table({"type": "hashing.v2", "num_buckets": 100}, CARDS, DIM)
+    with pytest.raises(RegistryError, match="Did you mean .*'hashing.v1'"):
+        build_table({"type": "hashing.v9", "num_buckets": 100}, CARDS, DIM)
 
 
 def test_build_table_field_names():

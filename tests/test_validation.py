@@ -165,9 +165,9 @@ def test_num_dense_is_typed(name):
 @pytest.mark.parametrize("spec, pattern", [
     ({"type": "hashing.v1", "num_buckets": 64, "shared": "no"}, "hashing.v1: shared must be a bool.*'no'"),
     ({"type": "full.v1", "sparse": "false"}, "full.v1: sparse must be a bool.*'false'"),
-    ({"type": "optembed.v1", "rewind": "no"}, "optembed.v1: rewind must be a bool.*'no'"),
-    ({"type": "optembed.v1", "mutations": 2.7}, r"optembed.v1: mutations must be a non-negative int.*2\.7"),
-    ({"type": "optembed.v1", "generations": "5"}, "optembed.v1: generations must be a non-negative int.*'5'"),
+    # OptEmbed's rewind / mutations / generations are schedule options now (tests/test_optembed.py checks them).
+    ({"type": "optembed.v1", "sparse": "no"}, "optembed.v1: sparse must be a bool.*'no'"),
+    ({"type": "optembed.v1", "oov": 2.7}, r"optembed.v1: oov must be one of.*2\.7"),
     ({"type": "hashing.v1", "num_buckets": 100.0}, r"hashing.v1: num_buckets must be a positive int.*100\.0"),
     ({"type": "unified.v1", "num_buckets": 100.0}, r"unified.v1: num_buckets must be a positive int.*100\.0"),
     ({"type": "hashing.v1", "num_buckets": 64, "hash_small_fields": "yes"}, "hash_small_fields must be a bool"),
