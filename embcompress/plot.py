@@ -1,4 +1,4 @@
-"""The memory-vs-AUC figure of a results file: test AUC against embedding bytes (log x) with the Pareto front.
+"""The memory-vs-AUC figure of a results file: test AUC against the tables' serving bytes (log x), Pareto front.
 
 One panel per model (a frontier across models would compare unlike things), one line per method with its
 spread over seeds, and the full table, the Bayes-optimal AUC and the one-hot LR reference as horizontal lines.
@@ -63,7 +63,7 @@ def plot_results(records: list[dict], path: str | os.PathLike, *, title: str = "
             ax.axhline(reference["test_auc"], color="tab:red", linestyle="-.", linewidth=1,
                        label=f"one-hot LR ({reference['test_auc']:.4f})")
         ax.set_xscale("log")
-        ax.set_xlabel("embedding bytes (log scale)")
+        ax.set_xlabel("embedding serving bytes (log scale)")
         ax.set_title(f"{title or 'memory vs AUC'}{f' — {model}' if len(models) > 1 else ''}")
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

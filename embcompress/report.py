@@ -1,10 +1,11 @@
 """The markdown report of a results file: mean ± std over seeds per (model, method, target ratio).
 
-:func:`format_table` gives the rows (bytes, ratio, test AUC, ΔAUC vs the full table, logloss, train samples/s,
-the tuned settings), the Bayes-optimal AUC of the data and the one-hot LR reference above them, the best
-method per budget, a method x budget grid where a budget a method cannot reach shows as 'no', and the failed
-runs, one line per method and cause. A table that lands more than 5% under its budget is marked. The grouping
-(:func:`group_runs`) is the plot's too.
+:func:`format_table` gives the rows (serving bytes and the ratio on them, training bytes with the optimizer state
+where the records have them, test AUC, ΔAUC vs the full table, logloss, train samples/s, the tuned settings),
+the Bayes-optimal AUC of the data and the one-hot LR reference above them, the best method per budget, a method
+x budget grid where a budget a method cannot reach shows as 'no', and the failed runs, one line per method and
+cause. A table that lands more than 5% under its budget is marked. The grouping (:func:`group_runs`) is the
+plot's too.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def group_runs(records: list[dict]) -> list[dict]:
         rows.append({
             "model": model, "method": method, "target_ratio": target, "seeds": len(rs),
             "bytes": int(size) if math.isfinite(size) else 0, "ratio": _mean(rs, "ratio"),
+            "training_bytes": _mean(rs, "training_bytes"),  # NaN for records written before it was recorded
             "auc": float(auc.mean()), "auc_std": float(auc.std()) if len(rs) > 1 else 0.0,
             "logloss": _mean(rs, "test_logloss"), "samples_per_second": _mean(rs, "samples_per_second"),
             "best_epoch": _mean(rs, "best_epoch"), "epochs_run": _mean(rs, "epochs_run"),
@@ -99,6 +101,7 @@ def format_table(records: list[dict]) -> str:
     bayes = bayes_auc_of(records)
     reference = reference_of(records)
     tuned = any(g["tuned"] for g in rows)
+    training = any(finite(g["training_bytes"]) for g in rows)  # records before training bytes lack them
     lines = []
     if bayes is not None:
         lines.append(f"Bayes-optimal test AUC of the data (the ceiling): **{bayes:.4f}**\n")
@@ -111,9 +114,11 @@ def format_table(records: list[dict]) -> str:
     model_head = "| model | dense params " if several_models else ""
     bayes_head = "| vs Bayes " if bayes is not None else ""
     tuned_head = "| tuned on validation | best epoch / run " if tuned else ""
-    lines.append(f"{model_head}| method | target | bytes | ratio | test AUC | ΔAUC vs full {bayes_head}| logloss "
-                 f"| train samples/s | seeds {tuned_head}|")
-    lines.append("|---" * (9 + (bayes is not None) + 2 * several_models + 2 * tuned) + "|")
+    # Last, so that the columns before it keep their places in reports of records without training bytes.
+    training_head = "| training bytes " if training else ""
+    lines.append(f"{model_head}| method | target | serving bytes | ratio | test AUC | ΔAUC vs full {bayes_head}"
+                 f"| logloss | train samples/s | seeds {tuned_head}{training_head}|")
+    lines.append("|---" * (9 + (bayes is not None) + 2 * several_models + 2 * tuned + training) + "|")
     for g in rows:
         full = full_table_auc(rows, g["model"])
         target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
@@ -123,17 +128,25 @@ def format_table(records: list[dict]) -> str:
         model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""
         under = " †" if g["under_target"] else ""
         tuned_cell = f"| {g['tuned']} | {g['best_epoch']:.2g} / {g['epochs_run']:.2g} " if tuned else ""
+        training_cell = ("" if not training else f"| {g['training_bytes']:,.0f} " if finite(g["training_bytes"])
+                         else "| — ")
         lines.append(
             f"{model_cells}| {g['method']} | {target} | {g['bytes']:,}{under} | {g['ratio']:.2f}x | {auc} | {delta} "
-            f"{gap}| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} {tuned_cell}|"
+            f"{gap}| {g['logloss']:.4f} | {g['samples_per_second']:,.0f} | {g['seeds']} {tuned_cell}{training_cell}|"
         )
+    if rows:
+        lines.append("\nServing bytes: what the served table stores (a staged method's export); the ratio is the fp32 "
+                     "baseline's bytes over them." + (" Training bytes: what the table that trained (a staged "
+                     "method's supernet) stores plus the optimizer state held for it; — where a run did not "
+                     "record them." if training else " These runs did not record training bytes (the table as "
+                     "trained plus its optimizer state)."))
     if any(g["under_target"] for g in rows):
         lines.append(f"\n† more than {1 - UNDER_TARGET:.0%} under its budget: the method's sizes step coarsely "
                      "there, and a budget is a ceiling")
     best = best_per_budget(records)
     if best:
         lines += ["", "Best method per budget (highest mean test AUC):", ""]
-        lines += [f"{model_head}| target | best method | bytes | test AUC | ΔAUC vs full |",
+        lines += [f"{model_head}| target | best method | serving bytes | test AUC | ΔAUC vs full |",
                   "|---" * (5 + 2 * several_models) + "|"]
         for g in best:
             model_cells = f"| {g['model']} | {g['dense_parameters']:,.0f} " if several_models else ""

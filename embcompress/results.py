@@ -86,7 +86,9 @@ def append_line(path: Path, record: dict) -> None:
         os.fsync(fd)
 
 
-#: The keys each kind of record needs (what resuming and the report read), by status.
+#: The keys each kind of record needs (what resuming and the report read), by status. A finished run's ``bytes``
+#: are its serving bytes; ``serving_bytes``, ``training_bytes`` and ``optimizer_state_bytes`` are optional (records
+#: written before they were told apart lack them) and checked when present.
 RECORD_KEYS = {
     "ok": ("method", "seed", "target_ratio", "test_auc", "bytes", "ratio"),
     "failed": ("method", "seed", "error"),
@@ -114,6 +116,10 @@ def _check_record(record, where: str) -> None:
                           ("seed", is_int, "an int"),
                           ("target_ratio", lambda v: v is None or finite(v), "a number or null"),
                           ("bytes", lambda v: v is None or is_int(v), "an int or null"),
+                          # optional: records written before training and serving bytes were told apart lack them
+                          ("serving_bytes", lambda v: v is None or is_int(v), "an int or null"),
+                          ("training_bytes", lambda v: v is None or is_int(v), "an int or null"),
+                          ("optimizer_state_bytes", lambda v: v is None or is_int(v), "an int or null"),
                           ("test_auc", lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool),
                            "a number or null")):
         if key in record and not ok(record[key]):

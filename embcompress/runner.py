@@ -4,9 +4,11 @@
 folder does not hold yet: :func:`run_one` builds the table with ``from_budget`` at ``baseline_bytes / ratio``
 (or as given, without a ratio), puts it in the model, trains it with the suite's settings (a table that trains
 in stages through its own staged hook) and reports its exact bytes, ratio, test AUC and logloss, and training
-samples/s. With a tuning grid every combination is a trial and the best validation AUC picks the run's result;
-the one-hot logistic regression reference is fitted once per data set beside the runs. Every record is one
-line of the results file (:mod:`embcompress.results`).
+samples/s. Bytes are the served table's (``bytes`` = ``serving_bytes``: a staged method's export; the ratio is
+the baseline over them), beside ``training_bytes``: the table that trained (a staged method's supernet), stored,
+plus the optimizer state held for it (``optimizer_state_bytes``). With a tuning grid every combination is a
+trial and the best validation AUC picks the run's result; the one-hot logistic regression reference is fitted
+once per data set beside the runs. Every record is one line of the results file (:mod:`embcompress.results`).
 
 A run's key (:func:`run_key`) hashes everything that decides its result, the data included (the synthetic
 config, or a prepared folder's manifest checksum, not its path), so a finished run is skipped on a rerun and a
@@ -67,10 +69,15 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
         result = train(model, data, cfg)
         report = table.memory_report()
     wall = time.perf_counter() - start  # every stage with its evaluations, beside train_seconds (steps only)
+    # Training bytes: the table that trained (a staged method's supernet, not its export), stored, plus the state
+    # its optimizers held at the end of training (the last stage's); serving bytes: the table that is served.
+    trained = table.memory_report().total_bytes
     return {
         **_run_fields(suite, run), "embedding_dim": dim, "device": device, "model_spec": run.model.spec,
         "dense_parameters": dense_parameters,
-        "bytes": report.total_bytes, "parameter_bytes": report.parameter_bytes, "buffer_bytes": report.buffer_bytes,
+        "bytes": report.serving_bytes, "serving_bytes": report.serving_bytes,
+        "training_bytes": trained + result.table_optimizer_bytes, "optimizer_state_bytes": result.table_optimizer_bytes,
+        "parameter_bytes": report.parameter_bytes, "buffer_bytes": report.buffer_bytes,
         "baseline_bytes": report.baseline_bytes, "ratio": report.ratio,
         "test_auc": result.test_auc, "test_logloss": result.test_logloss,
         "val_auc": result.val_auc, "best_epoch": result.best_epoch, "epochs_run": len(result.history),

@@ -30,9 +30,10 @@ from .validate import check_bool, check_choice, check_int, check_number, check_p
 from .data import Batch, CTRData
 from .distributed import LocalContext, all_sum, step_context
 from .evaluation import auc_logloss, evaluate, evaluate_sharded, predict
+from .memory import optimizer_state_bytes
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_step", "evaluate", "predict", "auc_logloss",
-           "make_optimizers", "regularization", "tables_of", "OPTIMIZERS"]
+           "make_optimizers", "regularization", "tables_of", "table_optimizer_bytes", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 
@@ -84,6 +85,11 @@ class TrainResult:
     train_seconds: float
     samples_per_second: float
     history: list[dict] = field(default_factory=list)
+    #: Bytes of the state the optimizers hold for the tables' parameters at the end of training (Adam's two
+    #: moments and step, Adagrad's sum and step, ...), read off the optimizers' own state tensors
+    #: (:func:`embcompress.memory.optimizer_state_bytes`); in a process group, this rank's (each rank holds the
+    #: state of its replica of the tables). A table's training bytes are its stored bytes plus these.
+    table_optimizer_bytes: int = 0
 
 
 def tables_of(model: nn.Module) -> list[CompressedEmbedding]:
@@ -270,4 +276,12 @@ def _train(model: nn.Module, data: CTRData, cfg: TrainConfig, output_l2: "_Outpu
         val_auc=val_auc, val_logloss=val_loss, test_auc=test_auc, test_logloss=test_loss,
         best_epoch=best_epoch, train_seconds=seconds,
         samples_per_second=samples / seconds if seconds > 0 else math.nan, history=history,
+        table_optimizer_bytes=table_optimizer_bytes(model, opts),
     )
+
+
+def table_optimizer_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes of the state ``optimizers`` hold for the parameters of ``model``'s tables (:func:`tables_of`; a
+    parameter two tables share is counted once)."""
+    params = {id(p): p for t in tables_of(model) for p in t.parameters()}
+    return sum(optimizer_state_bytes(optimizers, params.values()).values())

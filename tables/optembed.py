@@ -299,6 +299,19 @@ class OptEmbed(CompressedEmbedding):
         return OptEmbedExport.storage_bytes(self.cardinalities, self.embedding_dim, kept, dims,
                                             learned_oov=self.oov is not None)
 
+    def serving_bytes(self) -> int:
+        """Exact bytes of the export :meth:`export` would make now: the rows the thresholds keep now (in the
+        retrain stage, the frozen mask), each field at its width in ``dims``.
+
+        Before a search has set the widths, ``dims`` is the full width ``D`` of every field, so a supernet serves
+        its kept rows at full width (what :meth:`export` makes of it then); the search only lowers this. On the
+        ``meta`` device there are no values to read a mask or widths from: a fresh table's export, every row at
+        full width (thresholds start at 0, so a fresh supernet keeps every row whose norm is not exactly 0).
+        """
+        if self.weight.device.type == "meta":
+            return self.export_bytes([self.embedding_dim] * self.num_fields, list(self.cardinalities))
+        return self.export_bytes(self.dims.tolist())
+
     def min_export_bytes(self, kept: Sequence[int] | None = None) -> int:
         return self.export_bytes([1] * self.num_fields, kept)
 
