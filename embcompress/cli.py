@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_criteo.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p_criteo.set_defaults(func=cmd_data_criteo)
     p_csv = data.add_parser("csv", help="any CSV/TSV through a YAML spec -> the same arrays + manifest as criteo")
-    p_csv.add_argument("spec", help="YAML spec (see embcompress.csvdata): files, label, categorical, dense, split")
+    p_csv.add_argument("spec", help="YAML spec (see embcompress.csv_spec): files, label, categorical, dense, split")
     p_csv.add_argument("--out", required=True, help="output folder")
     p_csv.add_argument("--block-rows", type=int, default=500_000, help="about this many lines per block")
     p_csv.add_argument("--quiet", action="store_true", help="no progress lines")

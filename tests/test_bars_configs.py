@@ -6,14 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from embcompress.bench import (
-    default_suite_path,
-    load_data,
-    load_suite,
-    read_results,
-    run_suite,
-)
 from embcompress.registry import build_model, build_table
+from embcompress.results import read_results
+from embcompress.runner import run_suite
+from embcompress.suite import default_suite_path, load_data, load_suite
 
 BENCHMARKS = default_suite_path().parent
 X4 = BENCHMARKS / "bars_criteo_x4_001.yaml"

@@ -39,6 +39,7 @@ def test_default_suite_is_valid():
     assert len(suite.runs()) >= 4
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_table_results_and_plot(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["bench", "run", str(write(tmp_path, {**TINY, "reference": True})), "--out", str(out), "--quiet"]) == 0
@@ -86,6 +87,7 @@ def test_pareto_front():
     assert pareto_front(pts) == [(5, 0.60), (10, 0.70), (20, 0.75), (40, 0.80)]
 
 
+@pytest.mark.slow
 def test_console_script_help_and_list():
     out = subprocess.run([sys.executable, "-m", "embcompress.cli", "list"], capture_output=True, text=True, check=True)
     assert "full.v1" in out.stdout and "hashing.v1" in out.stdout and "dlrm.v1" in out.stdout
@@ -110,6 +112,7 @@ def test_report_regenerates_the_table_from_jsonl(tmp_path, capsys):
     assert frame.loc[0, "test_auc"] == record["test_auc"] and frame.loc[0, "bytes"] == record["bytes"]
 
 
+@pytest.mark.slow
 def test_report_numbers_are_recomputed_from_the_jsonl(tmp_path, capsys):
     import numpy as np
 
@@ -215,6 +218,7 @@ def _suite_with_runs(tmp_path, n_ratios=4):
     return write(tmp_path, suite)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs(tmp_path, capsys):
     path, out = _suite_with_runs(tmp_path, 1), tmp_path / "out"
     assert main(["bench", "run", str(path), "--out", str(out), "--quiet"]) == 0
@@ -226,6 +230,7 @@ def test_rerun_skips_finished_runs(tmp_path, capsys):
     assert all(r["peak_rss_mb"] > 0 and r["torch"] for r in records)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_suite_then_rerun_records_every_run_once(tmp_path):
     import os
     import signal
@@ -253,6 +258,7 @@ def test_sigkill_mid_suite_then_rerun_records_every_run_once(tmp_path):
     assert all(r["status"] == "ok" for r in records)
 
 
+@pytest.mark.slow
 def test_two_shards_share_one_results_file(tmp_path):
     path, out = _suite_with_runs(tmp_path), tmp_path / "out"
     cmd = [sys.executable, "-m", "embcompress.cli", "bench", "run", str(path), "--out", str(out), "--quiet"]
@@ -353,6 +359,7 @@ def test_missing_criteo_folder_fails_before_training(tmp_path):
         load_suite(write(tmp_path, {**TINY, "data": {"criteo": {"path": "x"}, "synthetic": {}}}))
 
 
+@pytest.mark.slow
 def test_committed_criteo_suite_is_well_formed_apart_from_its_data(tmp_path):
     """criteo_kaggle.yaml needs the user's prepared folder; everything else in it must validate here."""
     raw = yaml.safe_load((default_suite_path().parent / "criteo_kaggle.yaml").read_text())
@@ -389,6 +396,7 @@ def test_criteo_suite_without_dense_features_uses_the_buckets(tmp_path):
         load_suite(suite_file)
 
 
+@pytest.mark.slow
 def test_synthetic_full_covers_every_method_model_budget_and_seed():
     from embcompress.registry import list_tables
 
@@ -407,6 +415,7 @@ TUNED = {**NO_LR, "reference": False, "tune": {"lr": [0.001, 0.03], "embedding_l
          "methods": [TINY["methods"][0], {"name": "hashing", "table": {"type": "hashing.v1"}, "compression": [4]}]}
 
 
+@pytest.mark.slow
 def test_tuning_grid_trains_every_combination_and_keeps_the_best_on_validation(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["bench", "run", str(write(tmp_path, TUNED)), "--out", str(out), "--quiet"]) == 0
@@ -461,6 +470,7 @@ def test_bad_tuning_grids_are_rejected(tmp_path, tune, message):
         load_suite(write(tmp_path, fixed))
 
 
+@pytest.mark.slow
 def test_a_grid_over_init_std_reaches_every_table(tmp_path):
     suite = {**NO_LR, "tune": {"init_std": [0.01, 0.3]}, "train": {**NO_LR["train"], "lr": 0.01}}
     out = tmp_path / "out"

@@ -106,7 +106,7 @@ def test_a_folder_changed_after_the_suite_was_loaded_is_refused(tmp_path):
 
 COMMITTED = [("init_std.jsonl", "init_std.yaml"), ("methods.jsonl", "methods.yaml"),
              ("methods.jsonl", "methods_seeds.yaml"), ("models.jsonl", "models.yaml"),
-             ("synthetic_full.jsonl", "synthetic_full.yaml")]
+             pytest.param("synthetic_full.jsonl", "synthetic_full.yaml", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("results, suite_file", COMMITTED)
@@ -170,6 +170,7 @@ def test_a_run_claimed_by_a_live_process_is_skipped_and_a_dead_claim_is_taken_ov
     assert sorted(keys) == sorted({full_key, hashed_key})
 
 
+@pytest.mark.slow
 def test_two_unsharded_processes_never_run_one_run_twice(tmp_path):
     suite = {**TINY, "methods": [TINY["methods"][0], {**TINY["methods"][1], "compression": [2, 4, 8]}]}
     path, out = write(tmp_path, suite), tmp_path / "out"
@@ -316,6 +317,7 @@ def test_tables_are_built_on_the_data_sets_own_cardinalities(tmp_path):
     assert int(re.search(r"minimum budget ([\d,]+)", str(err.value)).group(1).replace(",", "")) < 2 * full
 
 
+@pytest.mark.slow
 def test_every_committed_suite_loads(tmp_path):
     folder = criteo_folder(tmp_path, "bucketed")  # for the Criteo suites: every table and model is built on it
     suites = sorted(BENCHMARKS.glob("*.yaml"))

@@ -475,6 +475,7 @@ def test_a_running_preparation_of_the_same_out_is_refused(tmp_path):
     assert prepare_criteo(src, out)["complete"] is True
 
 
+@pytest.mark.slow
 def test_a_real_kill_then_rerun(tmp_path):
     """SIGKILL a preparation during pass 1, then rerun: same arrays as a clean run, no temporary folder left."""
     import signal
@@ -542,6 +543,7 @@ def test_scripts_parse_and_are_strict(script):
     assert "@" not in "".join(line for line in text.splitlines() if line.startswith("#")), "unfilled placeholder"
 
 
+@pytest.mark.slow
 def test_prepare_1tb_script_checks_and_prepares(tmp_path):
     days = tmp_path / "days"
     days.mkdir()
@@ -578,7 +580,7 @@ def test_grid_script_checks_the_prepared_folder(tmp_path):
 
 @needs_sample
 def test_grid_suite_loads_on_a_prepared_folder(sample_dir):
-    from embcompress.bench import load_suite
+    from embcompress.suite import load_suite
     from embcompress.registry import list_tables
 
     suite = load_suite(ROOT / "benchmarks" / "criteo_kaggle_grid.yaml", data_path=sample_dir)

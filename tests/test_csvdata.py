@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import yaml
 
-from embcompress.bench import load_data, load_suite
 from embcompress.cli import main as cli_main
 from embcompress.criteo import decode_ids, encode_values, load_criteo, read_manifest
 from embcompress.csvdata import (
@@ -24,6 +23,7 @@ from embcompress.csvdata import (
     parse_comparison,
     prepare_csv,
 )
+from embcompress.suite import load_data, load_suite
 
 HEADER = "user_id,movie_id,rating,timestamp,age,genre"
 

@@ -86,6 +86,7 @@ def runs():
     return single, ranks
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_for_every_method(runs):
     single, ranks = runs
     checked = []
@@ -106,6 +107,7 @@ def test_two_gloo_processes_equal_one_process_for_every_method(runs):
     assert {"full.v1", "full.v1 sparse", "qr.v1", "hashing.v1"} <= set(checked)
 
 
+@pytest.mark.slow
 def test_gathered_validation_auc_is_the_auc_of_the_whole_split(runs):
     _, ranks = runs
     for r in ranks:

@@ -252,6 +252,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_hash_identical_across_processes():
     ids = EDGE_IDS + _random_ids(50, seed=9)
     x = ids_tensor(ids)

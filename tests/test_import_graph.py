@@ -17,6 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Cycles that exist today and are someone else's to remove, each allowed by the one import edge
@@ -164,6 +166,7 @@ sys.exit(1 if failed else 0)
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone():
     # One fresh interpreter; before each module the package's modules are dropped from sys.modules, so each is
     # imported first, as a user's `import embcompress.x` would (third-party modules stay loaded, for speed).

@@ -1,6 +1,5 @@
 """mixed_dim.v1: power-law widths, integer widths, frequency blocks, exact outputs and bytes, budgets."""
 
-import doctest
 import math
 
 import pytest
@@ -8,11 +7,12 @@ import torch
 
 from embcompress import BudgetError
 from embcompress.memory import baseline_bytes
-from embcompress.tables import mixed_dim
 from embcompress.tables.full import FullEmbedding
 from embcompress.tables.mixed_dim import (
     MixedDimEmbedding, PlanBlock, PlanPart, block_bounds, plan_mixed_dims, zipf_block_popularity,
 )
+
+from .conftest import assert_bytes
 
 BUDGET_CARDS = [100_000, 20_000, 3_000, 500, 40, 3]
 
@@ -239,10 +239,8 @@ def test_memory_report_equals_a_hand_count():
     # int64: per field its first part and the start of its second part (field 0 has 2 parts, field 1 pads);
     # group, shift, slot of 3 parts; the stacked projection rows of the width-2 part (2) and width-1 part (1)
     buffers = 2 * 2 + 3 * 3 + 2 + 1
-    report = table.memory_report()
-    assert report.parameter_bytes == (rows + projection) * 4
-    assert report.buffer_bytes == buffers * 8
-    assert report.total_bytes == table.plan.total_bytes == 5572
+    assert_bytes(table, 5572, parameters=(rows + projection) * 4, buffers=buffers * 8)
+    assert table.plan.total_bytes == 5572
 
 
 @pytest.mark.parametrize(
@@ -331,7 +329,3 @@ def test_plan_entries_are_named_tuples():
     assert block.popularity == pytest.approx(1e-3) and block.target_dim == pytest.approx(40 * 1e-3**0.5)
     assert block.projection_rows == 2 and plan.blocks[1].projection_rows == 0  # field 1: full width, no projection
     assert plan.projection_bytes == 2 * 8 * 4
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(mixed_dim, raise_on_error=False).failed == 0

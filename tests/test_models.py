@@ -5,8 +5,6 @@ Everything runs on one CPU thread (restored afterwards): on a shared machine, ti
 faster without thread contention.
 """
 
-import doctest
-import importlib
 import inspect
 import re
 
@@ -199,12 +197,6 @@ def test_every_model_with_options_has_bad_cases(model_name):
     params = inspect.signature(MODELS.get(model_name)).parameters
     options = [k for k in params if k not in ("embeddings", "num_dense")]
     assert not options or model_name in BAD, f"add bad-option cases for {model_name} to BAD"
-
-
-def test_docstring_examples_run(model_name):
-    module = importlib.import_module(MODELS.get(model_name).__module__)
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # ------------------------------------------------------------------------------------------ shared layers

@@ -11,16 +11,19 @@ import pytest
 import torch
 import yaml
 
-from embcompress.bench import load_suite, run_suite
 from embcompress.contract import BudgetError
 from embcompress.memory import baseline_bytes
 from embcompress.optembed import (
     OptEmbedSchedule, SearchConfig, evolutionary_search, replace_table, rewind_, run_optembed,
 )
 from embcompress.registry import SpecError, build_model, build_table
+from embcompress.runner import run_suite
+from embcompress.suite import load_suite
 from embcompress.synthetic import SyntheticConfig, make_synthetic
 from embcompress.tables.optembed import OptEmbed, OptEmbedExport, RowMaskSTE
 from embcompress.training import TrainConfig, predict
+
+from .conftest import assert_bytes
 
 CARDS = [50, 7, 300, 3]
 
@@ -223,8 +226,8 @@ def test_export_memory_report_equals_a_hand_count():
     # values 4*2 + 1*4 + 3*1 fp32 and D = 4 trailing zeros; bitmap: one 64-row block = 8 uint8; block counts
     # 1 int32; int64 offsets, widths and bases for 3 fields
     expected = (4 * 2 + 1 * 4 + 3 * 1 + 4) * 4 + 8 + 4 + 3 * 3 * 8
-    assert export.memory_report().total_bytes == expected == table.export_bytes([2, 4, 1])
-    assert export.memory_report().parameter_bytes == 0  # an inference table: buffers only
+    assert_bytes(export, expected, parameters=0)  # an inference table: buffers only
+    assert table.export_bytes([2, 4, 1]) == expected
 
 
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.97, 1.0])
@@ -299,6 +302,7 @@ def small_data():
     return make_synthetic(SyntheticConfig(rows=12000, seed=5))
 
 
+@pytest.mark.slow
 def test_pipeline_lands_under_budget_and_exports_the_retrained_model(small_data):
     data = small_data
     budget = baseline_bytes(data.cardinalities, 8) / 8
@@ -317,6 +321,7 @@ def test_pipeline_lands_under_budget_and_exports_the_retrained_model(small_data)
     assert 0.5 < fit.result.test_auc <= 1
 
 
+@pytest.mark.slow
 def test_the_runner_treats_optembed_as_one_method(tmp_path):
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text(yaml.safe_dump({

@@ -345,6 +345,7 @@ def test_criteo_failed_rebuild_leaves_the_old_data_set(tmp_path, monkeypatch):
     assert load_criteo(out).labels.shape == (40,)
 
 
+@pytest.mark.slow
 def test_criteo_sigkill_during_forced_rebuild_keeps_the_old_data_set(tmp_path):
     import signal
     import subprocess

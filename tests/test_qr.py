@@ -1,6 +1,5 @@
 """qr.v1: complementary partitions, exact integer rows, composition, init scale, bags and budgets."""
 
-import doctest
 import itertools
 import math
 
@@ -9,7 +8,6 @@ import torch
 
 from embcompress import BudgetError, build_table
 from embcompress.memory import baseline_bytes
-from embcompress.tables import qr as qr_module
 from embcompress.tables.full import FullEmbedding
 from embcompress.tables.qr import QREmbedding, partition_indices, partition_plan, sub_dims
 
@@ -346,15 +344,3 @@ def test_meta_device_plan_matches_real_table_bytes():
     kwargs = dict(collisions=[7, 3, 1], operation="concat", partitions=3)
     real = QREmbedding([5000, 300, 9], 7, **kwargs)
     assert QREmbedding.planned_bytes([5000, 300, 9], 7, **kwargs) == real.memory_report().total_bytes
-
-
-def test_hand_count():
-    # rows: field 100 -> moduli (10, 10); field 3 -> full, 3 rows; field 50 -> (10, 5). 38 rows x D=4 fp32, plus
-    # int64 [3, 2] divisors, moduli and offsets, and a bool [3] "full" flag.
-    t = QREmbedding([100, 3, 50], 4, collisions=10, threshold=20)
-    assert t.memory_report().total_bytes == 38 * 4 * 4 + 3 * (3 * 2 * 8) + 3
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(qr_module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -115,6 +115,7 @@ def _std_ratios(model: nn.Module, report: ReplaceReport) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", _methods())
 def test_zoo_model_swapped_at_ratio_trains(zoo, method):
     ratio = RATIO.get(method, 4.0)

@@ -75,6 +75,7 @@ def test_bad_train_config():
         TrainConfig(batch_size=0)
 
 
+@pytest.mark.slow
 def test_sgd_and_adagrad_take_sparse_tables(data):
     for optimizer in ("sgd", "adagrad"):
         torch.manual_seed(0)
@@ -117,6 +118,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(data, tmp_path):
     assert (predict(fresh, test) == predict(model, test)).all()
 
 
+@pytest.mark.slow
 def test_learning_rate_drops_after_epochs_without_improvement(data):
     result = fit_config(data, TrainConfig(epochs=5, batch_size=1024, lr=0.05, patience=5, lr_decay=0.5,
                                           progress=False))
@@ -133,7 +135,7 @@ def fit_config(data, cfg):
     return train(build_model(SMALL_MODEL, table, data.num_dense), data, cfg)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+@pytest.mark.parametrize("optimizer", [pytest.param("adam", marks=pytest.mark.slow), "adagrad"])
 def test_embedding_l2_reaches_sparse_tables_and_only_touched_rows(data, optimizer):
     # L2 on the looked-up vectors: sparse-gradient tables get it through their sparse gradient, so rows no batch
     # touches keep their initial values exactly, and the touched rows end smaller than without it.

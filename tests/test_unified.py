@@ -1,22 +1,14 @@
 """unified.v1: salted multiplexing of all fields into one shared table, chunked lookups, budgets."""
 
-import doctest
-
 import pytest
 import torch
 
-import embcompress.tables.unified as unified_module
 from embcompress import BudgetError
 from embcompress.hashing import bucket, field_seeds
 from embcompress.memory import baseline_bytes
 from embcompress.tables import UnifiedEmbedding
 
 BUDGET_CARDS = [100_000, 20_000, 3_000, 500, 40, 3]
-
-
-def test_docstring_example():
-    result = doctest.testmod(unified_module, verbose=False)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_seeds_are_the_documented_field_seeds():
