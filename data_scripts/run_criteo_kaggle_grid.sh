@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper-style grid on Criteo Kaggle: every method at 2x..1000x, DLRM and DCN, 3 seeds
-# (benchmarks/criteo_kaggle_grid.yaml, 396 runs), through `embcompress bench run`, on your prepared folder.
+# (benchmarks/criteo_kaggle_grid.yaml, 612 runs), through `embcompress bench run`, on your prepared folder.
 #
 # Usage: data_scripts/run_criteo_kaggle_grid.sh [PREPARED_DIR] [OUT_DIR] [extra `embcompress bench run` options]
 #   PREPARED_DIR  default data/criteo/kaggle_dlrm (written by data_scripts/prepare_criteo_kaggle.sh)
@@ -22,12 +22,12 @@
 #     DLRM hashing 10x    4,614 train samples/s     DCN hashing 10x     5,458 train samples/s
 #     DLRM qr 10x         3,773 train samples/s     DCN hash-emb. 10x   2,686 train samples/s
 # One epoch over Kaggle's 39,291,958 training rows at 2,686-5,458 samples/s is 2.0-4.1 hours of training per
-# run on 2 CPU cores (39,291,958 / samples/s), plus evaluating 6.5M val/test rows; 396 runs x 2.0-4.1 hours =
-# roughly 800-1,600 hours: not practical on a CPU. The generated file has smaller vocabularies than Kaggle's
+# run on 2 CPU cores (39,291,958 / samples/s), plus evaluating 6.5M val/test rows; 612 runs x 2.0-4.1 hours =
+# roughly 1,200-2,500 hours: not practical on a CPU. The generated file has smaller vocabularies than Kaggle's
 # (~34M values in all), so real-size tables may train slower than measured here.
 # GPU: no GPU was available here, so no GPU time is given; time one run with
 #   embcompress bench run benchmarks/criteo_kaggle_grid.yaml --data-path PREPARED_DIR --device cuda
-# (interrupt it after the first result line; samples_per_second is in results.jsonl) and multiply by 396.
+# (interrupt it after the first result line; samples_per_second is in results.jsonl) and multiply by 612.
 # OptEmbed trains in several stages (supernet, search, retrain), so its runs take longer than one epoch (not
 # measured here).
 set -euo pipefail

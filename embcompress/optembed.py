@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import random
 import time
@@ -35,7 +34,7 @@ from torch import nn
 
 from .budget import BudgetError
 from .data import Batch
-from .registry import SpecError
+from .specs import SpecError, check_mapping_keys
 from .validate import check_bool, check_int, check_number, check_positive_int
 
 if TYPE_CHECKING:
@@ -144,16 +143,7 @@ class OptEmbedSchedule:
             ...
         embcompress.specs.SpecError: methods[2].schedule: unknown key 'generation'; did you mean 'generations'? (accepted keys: population, keep, mutations, crossovers, generations, mutate_prob, seed, search_rows, threshold_lr, alpha, rewind, retrain_epochs)
         """
-        if mapping is None:
-            mapping = {}
-        if not isinstance(mapping, Mapping):
-            raise SpecError(f"{where}: a schedule is a mapping of {list(cls.keys())}, got {mapping!r}")
-        accepted = cls.keys()
-        for key in mapping:
-            if key not in accepted:
-                close = difflib.get_close_matches(str(key), accepted, n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise SpecError(f"{where}: unknown key {key!r}{hint} (accepted keys: {', '.join(accepted)})")
+        mapping = check_mapping_keys(mapping, cls.keys(), where)
         search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
         try:
             search = SearchConfig(**{k: v for k, v in mapping.items() if k in search_keys})

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["SpecError", "check_kwargs", "check_table_options"]
+__all__ = ["SpecError", "check_kwargs", "check_table_options", "check_mapping_keys"]
 
 
 class SpecError(ValueError):
@@ -56,3 +56,18 @@ def check_table_options(cls, options: Mapping[str, Any], what: str) -> None:
             raise SpecError(f"{what}: key {key!r} is solved from budget_bytes; give one or the other")
     rest = {k: v for k, v in options.items() if k != "budget_bytes"}
     check_kwargs(cls, rest, what, provided=("cardinalities", "embedding_dim", *solved))
+
+
+def check_mapping_keys(mapping: Any, accepted: Sequence[str], where: str, what: str = "a schedule") -> dict:
+    """``mapping`` (``None``: empty) as a dict whose keys are all in ``accepted``, or :class:`SpecError` naming
+    ``where``, the unknown key, close matches and the accepted keys (for settings read into a dataclass)."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise SpecError(f"{where}: {what} is a mapping of {list(accepted)}, got {mapping!r}")
+    for key in mapping:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), list(accepted), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise SpecError(f"{where}: unknown key {key!r}{hint} (accepted keys: {', '.join(accepted)})")
+    return dict(mapping)

@@ -7,8 +7,16 @@ from .hash_embedding import HashEmbedding, HashEmbeddingV2
 from .mixed_dim import MixedDimEmbedding
 from .qr import QREmbedding
 from .optembed import OptEmbed, OptEmbedExport
+from .dhe import DeepHashEmbedding
+from .cce import CCEEmbedding
+from .tt_rec import TTRecEmbedding
+from .robe import RobeEmbedding
 
 __all__ = [
     "FullEmbedding", "HashingEmbedding", "HashingEmbeddingV2", "UnifiedEmbedding", "UnifiedEmbeddingV2",
     "HashEmbedding", "HashEmbeddingV2", "MixedDimEmbedding", "QREmbedding", "OptEmbed", "OptEmbedExport",
+    "DeepHashEmbedding",
+    "TTRecEmbedding",
+    "RobeEmbedding",
+    "CCEEmbedding",
 ]

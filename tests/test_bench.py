@@ -406,7 +406,7 @@ def test_synthetic_full_covers_every_method_model_budget_and_seed():
     family = {name.rsplit(".", 1)[0] for name in list_tables()}
     assert {m.table["type"].rsplit(".", 1)[0] for m in suite.methods} >= family, "add the new method to synthetic_full"
     assert all(m.compression == (2, 4, 16, 64, 256, 1000) for m in suite.methods if m.name != "full")
-    assert len(suite.runs()) == 2 * 3 * (1 + 12 * 6)
+    assert len(suite.runs()) == 2 * 3 * (1 + 17 * 6)
 
 
 # ------------------------------------------------------------------------------------------------ tuning

@@ -30,7 +30,7 @@ RATIO = {"full.v1": 0.99}
 # Methods whose init scale is set by a handful of random numbers per table (QR's quotient table has ~5 rows for
 # 742 ids at 4x; a mixed-dim table of width d ~ 1-2 has a d x D random projection): init_std holds in
 # expectation, and one table's realised std can land 20-35% off. Checked over seeds instead of per table.
-FEW_SCALE_PARAMS = {"qr.v1", "mixed_dim.v1"}
+FEW_SCALE_PARAMS = {"qr.v1", "mixed_dim.v1", "tt_rec.v1"}  # tt_rec: rows are products of three small cores
 
 
 def _methods() -> list:
