@@ -42,6 +42,9 @@ Design choices:
   vectors have that std too, up to sampling error (tested over 20k vectors).
 * **Batch-invariant on the CPU**: an id's vector does not depend on the batch it is in (without BN in
   training); batches under 16 rows are padded, since the CPU GEMM rounds a few-row product differently.
+* **Each distinct lookup once** (:mod:`embcompress.unique`): the encoding and the MLP run on the batch's
+  distinct ``(field, id)`` pairs, gathered back after (11x fewer rows on a 4096-sample synthetic batch). Not
+  with BN in training, whose statistics count every lookup.
 * **Stored**: the layers' fp32 weights and biases (and with BN its affine fp32 parameters, fp32 running stats
   and an int64 batch counter per layer), plus the int64 per-field keys. The ``k`` seeds per field are derived
   in each forward from the keys (``F * k`` words), not stored.
@@ -66,6 +69,7 @@ from embcompress.contract import (
 )
 from embcompress.hashing import hash64, mix64
 from embcompress.registry import TABLES
+from embcompress.unique import unique_pairs
 
 __all__ = ["DeepHashEmbedding", "dhe_field_keys", "dhe_seeds", "dhe_encoding"]
 
@@ -178,7 +182,14 @@ class DeepHashEmbedding(CompressedEmbedding):
         return F.mish(a)
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        a = self.encode(ids, fields)
+        if self.norms is not None and self.training:  # BN's statistics are over the batch's lookups, repeats included
+            return self._mlp(self.encode(ids, fields))
+        unique_ids, unique_fields, inverse = unique_pairs(ids, fields)
+        vectors = self._mlp(self.encode(unique_ids, unique_fields))
+        return vectors.index_select(0, inverse).view(*ids.shape, self.embedding_dim)
+
+    def _mlp(self, a: torch.Tensor) -> torch.Tensor:
+        """Encodings ``[..., k]`` -> vectors ``[..., D]``."""
         shape = a.shape[:-1]
         a = a.reshape(-1, self.num_hashes)
         rows = a.shape[0]

@@ -32,8 +32,8 @@ Design choices:
   per-id fields are data, run every group on every id and select, which is exact but costs one chain per group.
 * **Cost.** Each lookup gathers a middle slice of ``r * d2 * r`` floats and runs two tiny matmuls; on the CPU this
   is far slower than a row gather (about 11x the full table's training step at 16x, rank ~30, measured once on
-  Criteo-like fields), and it grows with ``r**2``. Unimplemented speed-ups: composing each field's ``(i1, i2)``
-  pairs once per batch, or de-duplicating ids (a device sync on CUDA).
+  Criteo-like fields, before de-duplication), and it grows with ``r**2``. Each distinct id of a batch is
+  composed once and each distinct core row read once (:mod:`embcompress.unique`; a device sync on CUDA).
 * **Initialisation.** Every core entry is ``N(0, s**2)`` with ``s = (init_std / r) ** (1/3)``: a row entry is a
   sum of ``r * r`` uncorrelated products of three such entries, so its variance is ``r**2 s**6 = init_std**2``
   whatever the rank. (The reference's plain ``N(0, sigma)`` per core makes rows scale as ``r * sigma**3``, which
@@ -62,6 +62,7 @@ from embcompress.contract import (
     resolve_init_std,
 )
 from embcompress.registry import TABLES
+from embcompress.unique import unique_rows
 
 __all__ = ["TTRecEmbedding", "row_factors", "dim_factors", "tt_field_bytes", "tt_decompose"]
 
@@ -247,16 +248,28 @@ class TTRecEmbedding(CompressedEmbedding):
         return x % self.moduli[fields] + self.offsets[fields]
 
     def _chain(self, g: int, idx: torch.Tensor) -> torch.Tensor:
-        """Rows of rank group ``g`` from valid core rows ``idx`` ``[..., 3]`` -> ``[..., D]``."""
+        """Rows of rank group ``g`` from valid core rows ``idx`` ``[..., 3]`` -> ``[..., D]``.
+
+        Each distinct ``(i1, i2, i3)`` is composed once, and each distinct core row gathered once, so the
+        matmuls and the sparse gradients scale with the batch's distinct ids, not its lookups.
+        """
         r = self.group_ranks[g]
         d1, d2, d3 = self.dims
         c1, c2, c3 = self.cores[3 * g: 3 * g + 3]
         flat = idx.reshape(-1, 3)
-        a = F.embedding(flat[:, 0], c1, sparse=self.sparse).view(-1, d1, r)
-        b = F.embedding(flat[:, 1], c2, sparse=self.sparse).view(-1, r, d2 * r)
-        c = F.embedding(flat[:, 2], c3, sparse=self.sparse).view(-1, r, d3)
+        n2, n3 = c2.shape[0], c3.shape[0]
+        keys, inverse = unique_rows((flat[:, 0] * n2 + flat[:, 1]) * n3 + flat[:, 2])
+        i12 = torch.div(keys, n3, rounding_mode="floor")
+        a = self._core_rows(c1, torch.div(i12, n2, rounding_mode="floor")).view(-1, d1, r)
+        b = self._core_rows(c2, i12 % n2).view(-1, r, d2 * r)
+        c = self._core_rows(c3, keys % n3).view(-1, r, d3)
         ab = torch.bmm(a, b).view(-1, d1 * d2, r)
-        return torch.bmm(ab, c).reshape(*idx.shape[:-1], self.embedding_dim)
+        rows = torch.bmm(ab, c).view(-1, self.embedding_dim)
+        return rows.index_select(0, inverse).view(*idx.shape[:-1], self.embedding_dim)
+
+    def _core_rows(self, core: nn.Parameter, rows: torch.Tensor) -> torch.Tensor:
+        unique, inverse = unique_rows(rows)
+        return F.embedding(unique, core, sparse=self.sparse).index_select(0, inverse)
 
     def _plain(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx[..., 0], self.rows, sparse=self.sparse)
