@@ -51,6 +51,7 @@ def _tuned_text(rs: list[dict]) -> str:
 
 #: A table this far under its budget is marked in the report: "at most" was met with room to spare.
 UNDER_TARGET = 0.95
+BUFFER_SHARE = 0.10  # buffers at least this share of a stored table are reported (see _buffer_shares)
 
 
 def _no_auc(records: list[dict]) -> list[dict]:
@@ -76,6 +77,7 @@ def group_runs(records: list[dict]) -> list[dict]:
             "logloss": _mean(rs, "test_logloss"), "samples_per_second": _mean(rs, "samples_per_second"),
             "best_epoch": _mean(rs, "best_epoch"), "epochs_run": _mean(rs, "epochs_run"),
             "dense_parameters": _mean(rs, "dense_parameters"),
+            "buffer_bytes": _mean(rs, "buffer_bytes"), "parameter_bytes": _mean(rs, "parameter_bytes"),
             "under_target": any(finite(r.get("target_bytes")) and finite(r.get("bytes"))
                                 and r["bytes"] < UNDER_TARGET * r["target_bytes"] for r in rs),
             "tuned": _tuned_text(rs),
@@ -153,6 +155,7 @@ def format_table(records: list[dict]) -> str:
             delta = f"{g['delta']:+.4f}" if g["delta"] is not None else "n/a"
             lines.append(f"{model_cells}| {g['target_ratio']:g}x | {g['method']} | {g['bytes']:,} "
                          f"| {_auc_cell(g)} | {delta} |")
+    lines += _buffer_shares(rows)
     lines += _coverage(records, rows)
     lines += _failures(records)
     missing = _no_auc(records)
@@ -162,6 +165,25 @@ def format_table(records: list[dict]) -> str:
         lines.append(f"\n{len(missing)} run(s) recorded as finished have no test AUC (nan, null or missing) and are "
                      f"left out above: {which}{' ...' if len(missing) > 10 else ''}")
     return "\n".join(lines)
+
+
+def _buffer_shares(rows: list[dict]) -> list[str]:
+    """Methods whose stored table is at least ``BUFFER_SHARE`` buffers (index maps, id maps, seeds: stored,
+    never trained), with the share at each budget: where a method's bytes go to addressing, not to vectors.
+    Frozen exports (no parameters: every byte is a buffer) are left out."""
+    shares: dict[str, dict[float, float]] = {}
+    for g in rows:
+        stored = g["buffer_bytes"] + g["parameter_bytes"]
+        trained = finite(g["parameter_bytes"]) and g["parameter_bytes"] > 0
+        if g["target_ratio"] and trained and g["buffer_bytes"] >= BUFFER_SHARE * stored:
+            shares.setdefault(g["method"], {})[g["target_ratio"]] = g["buffer_bytes"] / stored
+    if not shares:
+        return []
+    lines = ["", f"Buffers (stored index or id maps and seeds, never trained) are at least {BUFFER_SHARE:.0%} of "
+                 "the stored table in:", ""]
+    for method, by_target in shares.items():
+        lines.append(f"- {method}: " + ", ".join(f"{share:.0%} at {t:g}x" for t, share in sorted(by_target.items())))
+    return lines
 
 
 def _failures(records: list[dict]) -> list[str]:

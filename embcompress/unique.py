@@ -1,9 +1,10 @@
 """De-duplicating a batch's lookups: compute each distinct ``(field, id)`` once, then gather.
 
 A batch of CTR samples repeats its popular ids many times (on the default synthetic data a batch of 4096 x 26
-lookups holds about 9,300 distinct ones, 11x fewer). Methods whose vector costs arithmetic rather than a row
-read (DHE's MLP, TT-Rec's core chain) compute only the distinct lookups and index the result back: the values
-are the same and autograd sums the repeated rows' gradients through the gather. On CUDA the number of
+lookups holds about 9,300 distinct ones, 11x fewer). Methods whose vector costs arithmetic (DHE's MLP, TT-Rec's
+core chain) or several small-row reads (CCE's chunks, ROBE's blocks) compute only the distinct lookups and index
+the result back: the values are the same, autograd sums the repeated rows' gradients through the gather, and a
+sparse gradient holds one entry per distinct row rather than per lookup, which is what its coalescing costs. On CUDA the number of
 distinct lookups is read back to the host (one sync per call), the price of the shape.
 
 Pairs are compared exactly, as two int64 words, so any id in ``[0, 2**63)`` works (no ``id * F + f`` key that
@@ -12,9 +13,11 @@ could overflow).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-__all__ = ["unique_pairs", "unique_rows"]
+__all__ = ["unique_pairs", "unique_rows", "embed_unique"]
 
 
 def unique_pairs(ids: torch.Tensor, fields: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,6 +39,22 @@ def unique_pairs(ids: torch.Tensor, fields: torch.Tensor) -> tuple[torch.Tensor,
     return sorted_ids[new], sorted_fields[new], inverse
 
 
+def embed_unique(embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: torch.Tensor, fields: torch.Tensor,
+                 embedding_dim: int) -> torch.Tensor:
+    """``embed(ids, fields)`` computed on the distinct pairs only and gathered back: ``[*ids.shape, D]``.
+
+    On the ``meta`` device (sizes only, no values to compare) ``embed`` runs on every lookup."""
+    if ids.device.type == "meta":
+        return embed(ids, fields).reshape(*ids.shape, embedding_dim)
+    unique_ids, unique_fields, inverse = unique_pairs(ids, fields)
+    vectors = embed(unique_ids, unique_fields).reshape(-1, embedding_dim)
+    return vectors.index_select(0, inverse).view(*ids.shape, embedding_dim)
+
+
 def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows_u, inverse)`` for non-negative int64 row indices of any shape: ``rows_u[inverse] == rows.reshape(-1)``."""
+    """``(rows_u, inverse)`` for int64 row indices of any shape: ``rows_u[inverse] == rows.reshape(-1)``
+    (on the ``meta`` device every row is its own: ``rows_u`` is ``rows`` flattened)."""
+    if rows.device.type == "meta":
+        flat = rows.reshape(-1)
+        return flat, torch.arange(flat.numel(), device=flat.device)
     return torch.unique(rows.reshape(-1), return_inverse=True)

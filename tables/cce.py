@@ -62,6 +62,7 @@ from embcompress.hashing import bucket, keyed_seeds, mix64
 from embcompress.optembed import StagedFit
 from embcompress.registry import TABLES
 from embcompress.tables.hashing import water_fill
+from embcompress.unique import embed_unique
 
 __all__ = ["CCEEmbedding", "index_dtype", "kmeans"]
 
@@ -221,9 +222,11 @@ class CCEEmbedding(CompressedEmbedding):
         return (h0 + base) * self.chunks + chunk, (h1 + base) * self.chunks + chunk
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        return embed_unique(self._embed, ids, fields, self.embedding_dim)
+
+    def _embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         r0, r1 = self._rows_of(ids, fields)
-        v = F.embedding(r0, self.table0, sparse=self.sparse) + F.embedding(r1, self.table1, sparse=self.sparse)
-        return v.reshape(*v.shape[:-2], self.embedding_dim)
+        return F.embedding(r0, self.table0, sparse=self.sparse) + F.embedding(r1, self.table1, sparse=self.sparse)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.table0, self.table1] if self.sparse else []

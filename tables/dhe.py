@@ -69,7 +69,7 @@ from embcompress.contract import (
 )
 from embcompress.hashing import hash64, mix64
 from embcompress.registry import TABLES
-from embcompress.unique import unique_pairs
+from embcompress.unique import embed_unique
 
 __all__ = ["DeepHashEmbedding", "dhe_field_keys", "dhe_seeds", "dhe_encoding"]
 
@@ -184,9 +184,7 @@ class DeepHashEmbedding(CompressedEmbedding):
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         if self.norms is not None and self.training:  # BN's statistics are over the batch's lookups, repeats included
             return self._mlp(self.encode(ids, fields))
-        unique_ids, unique_fields, inverse = unique_pairs(ids, fields)
-        vectors = self._mlp(self.encode(unique_ids, unique_fields))
-        return vectors.index_select(0, inverse).view(*ids.shape, self.embedding_dim)
+        return embed_unique(lambda i, f: self._mlp(self.encode(i, f)), ids, fields, self.embedding_dim)
 
     def _mlp(self, a: torch.Tensor) -> torch.Tensor:
         """Encodings ``[..., k]`` -> vectors ``[..., D]``."""

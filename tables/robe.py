@@ -59,6 +59,7 @@ from embcompress.contract import (
 )
 from embcompress.hashing import hash64, keyed_seeds
 from embcompress.registry import TABLES
+from embcompress.unique import embed_unique
 
 LOW63 = (1 << 63) - 1  # the bits bucket() keeps; the top bit, which it drops, is the sign
 
@@ -181,6 +182,9 @@ class RobeEmbedding(CompressedEmbedding):
         return 1.0 - 2.0 * (h < 0).to(self.weight.dtype)
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        return embed_unique(self._embed, ids, fields, self.embedding_dim)
+
+    def _embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         D, Z = self.embedding_dim, self.block_size
         h = self._hashes(ids, fields)  # [..., nb]
         within = torch.arange(Z, device=ids.device)

@@ -170,3 +170,19 @@ def test_the_report_of_older_records_has_no_training_column_or_a_dash():
     table = format_table(mixed)
     assert "| full | - | 1,000 | 1.00x | 0.7000 |" in table and "| 1 | — |" in table
     assert "| new | - | 500 | 2.00x | 0.7000 |" in table and "| 1 | 1,500 |" in table
+
+
+def test_the_report_names_methods_whose_stored_bytes_are_mostly_buffers():
+    base = {"status": "ok", "model": "m", "seed": 0, "test_auc": 0.7, "test_logloss": 0.5, "samples_per_second": 1.0,
+            "best_epoch": 1, "dense_parameters": 10, "ratio": 4.0, "target_ratio": 4.0, "bytes": 1000}
+    records = [
+        {**base, "method": "indexed", "parameter_bytes": 400, "buffer_bytes": 600},
+        {**base, "method": "indexed", "target_ratio": 16.0, "parameter_bytes": 950, "buffer_bytes": 50},
+        {**base, "method": "rows", "parameter_bytes": 990, "buffer_bytes": 10},
+        {**base, "method": "export", "parameter_bytes": 0, "buffer_bytes": 1000},  # frozen: all buffers
+    ]
+    table = format_table(records)
+    assert "Buffers (stored index or id maps and seeds, never trained) are at least 10%" in table
+    assert "- indexed: 60% at 4x\n" in table + "\n"
+    assert "- rows:" not in table and "- export:" not in table
+    assert "Buffers (" not in format_table(records[2:])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from embcompress.tables.cce import CCEEmbedding
 from embcompress.tables.dhe import DeepHashEmbedding
+from embcompress.tables.robe import RobeEmbedding
 from embcompress.tables.tt_rec import TTRecEmbedding
 from embcompress.unique import unique_pairs, unique_rows
 
@@ -46,7 +48,9 @@ def _grads(table, ids):
 @pytest.mark.parametrize("make", [
     lambda: TTRecEmbedding([300, 500], 8, rank=3, threshold=0, sparse=True),
     lambda: DeepHashEmbedding([300, 500], 8, width=16),
-])
+    lambda: RobeEmbedding([300, 500], 8, size=101, block_size=4, sparse=True),
+    lambda: CCEEmbedding([300, 500], 8, num_buckets=16, chunks=2, sparse=True),
+], ids=["tt_rec", "dhe", "robe", "cce"])
 def test_repeated_lookups_give_the_vectors_and_summed_gradients_of_single_ones(make):
     torch.manual_seed(0)
     table = make()
