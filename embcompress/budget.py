@@ -95,12 +95,13 @@ def solve_knob(cls, cardinalities, embedding_dim: int, budget_bytes, options: Ma
 
 
 def solve_budget(cls, cardinalities, embedding_dim: int, budget_bytes, options: Mapping[str, Any]):
-    """Build the largest ``cls`` table whose exact bytes are at most ``budget_bytes`` (see :func:`solve_knob`)."""
+    """Build the largest ``cls`` table whose exact serving bytes are at most ``budget_bytes`` (see
+    :func:`solve_knob`): what it stores, or what it serves when that is less (rows at a lower ``precision``)."""
     budget = check_budget(budget_bytes)
     knob, value = solve_knob(cls, cardinalities, embedding_dim, budget_bytes, options)
     kwargs = knob.refine(value, budget) if knob.refine is not None else knob.kwargs(value)
     table = cls(cardinalities, embedding_dim, **options, **kwargs)
-    built = table.memory_report().total_bytes
+    built = table.memory_report().serving_bytes
     if built > budget:  # the planned size must be the real one
         name = getattr(cls, "registry_name", cls.__name__)
         raise RuntimeError(f"{name}: built {built:,} bytes for a budget of {budget:,} ({knob.name}={value})")

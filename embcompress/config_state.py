@@ -90,13 +90,18 @@ def recording_init(init: Callable) -> Callable:
     return wrapped
 
 
-def check_saved_options(owner: str, state: Any, own: Mapping[str, Any], ignore: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the first option in which a saved ``state`` differs from ``own``."""
+def check_saved_options(owner: str, state: Any, own: Mapping[str, Any], ignore: tuple[str, ...],
+                        late: Mapping[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` naming the first option in which a saved ``state`` differs from ``own``.
+
+    ``late``: options added after checkpoints were first saved, with the value every table had before (a
+    checkpoint without the option was built with it), so older checkpoints keep loading."""
+    late = late or {}
     if not isinstance(state, Mapping) or not isinstance(state.get("options"), Mapping):
         raise ValueError(f"{owner}: the checkpoint's _extra_state is {state!r}, expected the saved table options")
     if state.get("table") != owner:
         raise ValueError(f"{owner}: the checkpoint was saved from a {state.get('table')!r} table")
-    saved = state["options"]
+    saved = {**{k: v for k, v in late.items() if k in own}, **state["options"]}
     for name in sorted(set(saved) | set(own)):
         if name in ignore or saved.get(name) == own.get(name):
             continue

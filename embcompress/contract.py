@@ -26,16 +26,19 @@ bool, an int an integral non-bool (numpy ints included), a number finite; nothin
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 from typing import ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .budget import BudgetError, BudgetKnob, check_budget, solve_budget
 from .config_state import FORMAT, check_saved_options, recording_init
 from .memory import MemoryReport, baseline_bytes, full_table_bytes, measure
+from .quantize import QuantizedRows, check_precision, fake_quantize_rows, quantized_bytes, row_bytes
 from .specs import check_table_options
 from .validate import (
     check_bool, check_choice, check_float, check_int, check_int_list, check_number, check_per_field,
@@ -54,6 +57,8 @@ POOLING_MODES = ("sum", "mean")
 
 
 MAX_SEED = 2**31
+#: Options added after checkpoints were first saved, with the value every table had before them.
+LATE_OPTIONS = {"precision": "fp32"}
 
 
 def check_seed(seed, *, owner=None) -> int:
@@ -122,6 +127,11 @@ class CompressedEmbedding(nn.Module):
     #: (see :mod:`embcompress.config_state`; every other option must match the checkpoint's). ``seed`` is one:
     #: the hash seeds it derives are buffers, and loading replaces them.
     checkpoint_ignores: ClassVar[tuple[str, ...]] = ("init_std", "sparse", "seed")
+    #: Attributes holding the method's ``[rows, width]`` row tables, the ones a ``precision`` option stores in fewer
+    #: bits (see :mod:`embcompress.quantize`); empty for methods without row tables (an MLP, tensor cores).
+    row_parameters: ClassVar[tuple[str, ...]] = ()
+    #: Precision the row tables are served at: ``fp32`` unless the method takes a ``precision`` option.
+    precision: str = "fp32"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -317,8 +327,67 @@ class CompressedEmbedding(nn.Module):
     def serving_bytes(self) -> int | None:
         """Bytes of the table this one exports to serve, when it is not itself (``None``: it serves as it is).
 
-        Staged methods override it: OptEmbed's supernet serves its compact export."""
-        return None
+        With a ``precision`` other than fp32 the served table is :meth:`export`'s: the stored bytes with every
+        fp32 row table counted at its precision. Staged methods override it: OptEmbed's supernet serves its
+        compact export."""
+        masters = [t for t in self._row_tables() if isinstance(t, torch.Tensor)]
+        if self.precision == "fp32" or not masters:
+            return None
+        stored = measure(self, 0).total_bytes
+        return stored + sum(quantized_bytes(t.shape[0], t.shape[1], self.served_precision(t.shape[1]))
+                            - t.numel() * t.element_size() for t in masters)
+
+    # ---------------------------------------------------------------------------------------- row precision
+    def served_precision(self, width: int) -> str:
+        """The precision a row table of ``width`` numbers is served at: the table's ``precision``, unless storing
+        it so would not make it smaller (an int8 row of 2 numbers takes 2 codes + 8 bytes of scale and offset,
+        more than its 8 bytes of fp32): such a table stays fp32."""
+        p = self.precision
+        return p if p == "fp32" or row_bytes(width, p) < row_bytes(width, "fp32") else "fp32"
+
+    def _row_tables(self) -> list:
+        return [t for t in (getattr(self, name) for name in self.row_parameters) if t is not None]
+
+    def read_rows(self, table: "torch.Tensor | QuantizedRows", rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``[*rows.shape, width]`` of one of :attr:`row_parameters`, as the method's ``embed`` reads them.
+
+        fp32 masters are gathered (sparse gradients with ``sparse=True``); in eval mode they are returned at the
+        table's ``precision`` (the values its export serves, see :mod:`embcompress.quantize`), in training mode
+        as they are (fp32 training, low-precision serving). An export's :class:`QuantizedRows` dequantize.
+        """
+        if isinstance(table, QuantizedRows):
+            return table.lookup(rows)
+        out = F.embedding(rows, table, sparse=getattr(self, "sparse", False))
+        if self.precision != "fp32" and not self.training:
+            out = fake_quantize_rows(out, self.served_precision(table.shape[1]))
+        return out
+
+    def export(self, precision: str | None = None) -> "CompressedEmbedding":
+        """A frozen copy that serves the row tables at ``precision`` (default: the table's own), stored as
+        :class:`QuantizedRows` buffers; its outputs equal this table's eval-mode outputs at that precision.
+
+        A method without row tables exports a frozen fp32 copy; methods whose export is their own (staged ones,
+        codebooks) override it.
+        """
+        precision = self.precision if precision is None else check_precision(precision, owner=self._owner_name())
+        if not self.row_parameters and precision != "fp32":
+            raise ValueError(f"{self._owner_name()}: has no row tables to store at precision={precision!r}; "
+                             "it exports at fp32 only")
+        masters = {name: t for name in self.row_parameters if (t := getattr(self, name)) is not None}
+        # The fp32 masters are not copied (the memo maps them to None): only their quantized form is kept.
+        served = copy.deepcopy(self, memo={id(t): None for t in masters.values()})
+        served.precision = precision
+        for name, table in masters.items():
+            if isinstance(table, QuantizedRows):  # re-exporting an export: from the values it serves
+                table = table.dequantized()
+            served._parameters.pop(name, None)
+            served._modules.pop(name, None)
+            setattr(served, name, QuantizedRows(table.detach(), served.served_precision(table.shape[1])))
+        for p in served.parameters():
+            p.requires_grad_(False)
+        if "precision" in served._saved_options:
+            served._saved_options = {**served._saved_options, "precision": precision}
+        return served.eval()
 
     @classmethod
     def budget_knob(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> BudgetKnob:
@@ -353,9 +422,10 @@ class CompressedEmbedding(nn.Module):
 
     @classmethod
     def planned_bytes(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> int:
-        """Exact bytes a table built with these arguments would store, measured on the ``meta`` device."""
+        """Exact bytes a table built with these arguments would serve, measured on the ``meta`` device: budgets
+        are on serving bytes (what it stores, unless it serves an export, e.g. at a lower ``precision``)."""
         with torch.device("meta"):
-            return cls(cardinalities, embedding_dim, **options).memory_report().total_bytes
+            return cls(cardinalities, embedding_dim, **options).memory_report().serving_bytes
 
     @staticmethod
     def _check_budget(budget_bytes: int | float) -> int:
@@ -368,7 +438,7 @@ class CompressedEmbedding(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         """Refuse a checkpoint of a table built with other options (naming the first that differs)."""
-        check_saved_options(self._owner_name(), state, self._saved_options, self.checkpoint_ignores)
+        check_saved_options(self._owner_name(), state, self._saved_options, self.checkpoint_ignores, LATE_OPTIONS)
 
     def _owner_name(self) -> str:
         return getattr(self, "registry_name", type(self).__name__)

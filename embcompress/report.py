@@ -78,6 +78,7 @@ def group_runs(records: list[dict]) -> list[dict]:
             "best_epoch": _mean(rs, "best_epoch"), "epochs_run": _mean(rs, "epochs_run"),
             "dense_parameters": _mean(rs, "dense_parameters"),
             "buffer_bytes": _mean(rs, "buffer_bytes"), "parameter_bytes": _mean(rs, "parameter_bytes"),
+            "precision": rs[0].get("precision"), "fp32_auc": _mean(rs, "fp32_test_auc"),
             "under_target": any(finite(r.get("target_bytes")) and finite(r.get("bytes"))
                                 and r["bytes"] < UNDER_TARGET * r["target_bytes"] for r in rs),
             "tuned": _tuned_text(rs),
@@ -156,6 +157,7 @@ def format_table(records: list[dict]) -> str:
             lines.append(f"{model_cells}| {g['target_ratio']:g}x | {g['method']} | {g['bytes']:,} "
                          f"| {_auc_cell(g)} | {delta} |")
     lines += _buffer_shares(rows)
+    lines += _precision_costs(rows)
     lines += _coverage(records, rows)
     lines += _failures(records)
     missing = _no_auc(records)
@@ -183,6 +185,25 @@ def _buffer_shares(rows: list[dict]) -> list[str]:
                  "the stored table in:", ""]
     for method, by_target in shares.items():
         lines.append(f"- {method}: " + ", ".join(f"{share:.0%} at {t:g}x" for t, share in sorted(by_target.items())))
+    return lines
+
+
+def _precision_costs(rows: list[dict]) -> list[str]:
+    """Tables served at a lower precision: the served test AUC beside the AUC of the same trained fp32 masters."""
+    served = [g for g in rows if g.get("precision") and finite(g.get("fp32_auc"))]
+    if not served:
+        return []
+    several_models = len({g["model"] for g in rows}) > 1
+    model_head = "| model " if several_models else ""
+    lines = ["", "Served precision: the test AUC of each table as served (rows at its precision) and of the same "
+                 "trained fp32 rows, mean over seeds:", "",
+             f"{model_head}| method | target | precision | serving bytes | served AUC | fp32 rows AUC | Δ |",
+             "|---" * (7 + several_models) + "|"]
+    for g in served:
+        target = f"{g['target_ratio']:g}x" if g["target_ratio"] else "-"
+        model_cell = f"| {g['model']} " if several_models else ""
+        lines.append(f"{model_cell}| {g['method']} | {target} | {g['precision']} | {g['bytes']:,} | {g['auc']:.4f} "
+                     f"| {g['fp32_auc']:.4f} | {g['auc'] - g['fp32_auc']:+.4f} |")
     return lines
 
 

@@ -36,6 +36,7 @@ import torch
 from . import __version__
 from .contract import CompressedEmbedding
 from .data import CTRData
+from .evaluation import evaluate_sharded
 from .memory import baseline_bytes
 from .registry import build_model, build_table
 from .results import append_line, finite, locked_results, read_results
@@ -68,6 +69,7 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     else:
         result = train(model, data, cfg)
         report = table.memory_report()
+        staged = _master_precision_auc(model, table, data, cfg)
     wall = time.perf_counter() - start  # every stage with its evaluations, beside train_seconds (steps only)
     # Training bytes: the table that trained (a staged method's supernet, not its export), stored, plus the state
     # its optimizers held at the end of training (the last stage's); serving bytes: the table that is served.
@@ -85,6 +87,20 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
         "bayes_auc": data.bayes_auc, "wall_seconds": wall, "target_bytes": spec.get("budget_bytes"),
         "tuned": dict(trial or {}), "init_std": getattr(table, "init_std", None), **staged,
     }
+
+
+def _master_precision_auc(model, table: CompressedEmbedding, data: CTRData, cfg: TrainConfig) -> dict:
+    """For a table served at a lower ``precision`` (its test AUC is the served one): the test AUC of its fp32
+    masters too, so the report can say what the precision cost."""
+    if table.precision == "fp32" or table.serving_bytes() is None:
+        return {}
+    precision = table.precision
+    table.precision = "fp32"  # the eval view reads the masters as they are
+    try:
+        auc, _ = evaluate_sharded(model, data.split("test"), batch_size=cfg.eval_batch_size, device=cfg.device)
+    finally:
+        table.precision = precision
+    return {"precision": precision, "fp32_test_auc": auc}
 
 
 def _run_fields(suite: Suite, run: Run) -> dict:

@@ -163,6 +163,14 @@ def _torchrec_model(kind: str, cards, dim: int, device: str, lr: float) -> _Torc
     return _TorchrecHead(ebc, keys, len(cards) * dim, fused=True).to(device)
 
 
+def _served_table(table, budget: float) -> nn.Module:
+    """What ``table`` serves: a staged table's export at the budget (its search is not run here), the export of
+    one that serves another table (rows at a lower precision, codes and codebooks), or the table itself."""
+    if table.trains_in_stages:
+        return _export_at_budget(table, budget)
+    return table.export() if table.serving_bytes() is not None else table
+
+
 def _export_at_budget(table, budget: float, seed: int = 0) -> nn.Module:
     """A staged table's deployable form at ``budget``: random rows kept at full width (speed only)."""
     from .tables.optembed import OptEmbedExport
@@ -257,10 +265,8 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
             train_speed = _time_training(model, ids, suite, device, m.optimizer)
             if torchrec_kind:
                 served, table_bytes = model, sum(p.numel() * p.element_size() for p in model.ebc.parameters())
-            else:  # a staged table trains as a supernet and serves its export
-                # A table that serves another table (OptEmbed's export) is timed serving that one.
-                served = _Head(_export_at_budget(table, budget or base), len(cards) * dim).to(device) \
-                    if hasattr(table, "export") else model
+            else:  # a table that serves another table (an export) is timed serving that one
+                served = _Head(_served_table(table, budget or base), len(cards) * dim).to(device)
                 table_bytes = served.embeddings.memory_report().total_bytes
             record = {
                 "method": m.name, "table": m.table, "target_ratio": m.ratio, "optimizer": m.optimizer,

@@ -11,6 +11,8 @@ from .dhe import DeepHashEmbedding
 from .cce import CCEEmbedding
 from .tt_rec import TTRecEmbedding
 from .robe import RobeEmbedding
+from .dpq import DPQEmbedding, DPQExport
+from .mgqe import MGQEEmbedding
 
 __all__ = [
     "FullEmbedding", "HashingEmbedding", "HashingEmbeddingV2", "UnifiedEmbedding", "UnifiedEmbeddingV2",
@@ -19,4 +21,5 @@ __all__ = [
     "TTRecEmbedding",
     "RobeEmbedding",
     "CCEEmbedding",
+    "DPQEmbedding", "DPQExport", "MGQEEmbedding",
 ]

@@ -49,7 +49,6 @@ import itertools
 from typing import ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embcompress.budget import check_budget
@@ -60,6 +59,7 @@ from embcompress.contract import (
 )
 from embcompress.hashing import bucket, keyed_seeds, mix64
 from embcompress.optembed import StagedFit
+from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
 from embcompress.tables.hashing import water_fill
 from embcompress.unique import embed_unique
@@ -132,6 +132,9 @@ class CCEEmbedding(CompressedEmbedding):
             lowest (most frequent) ids of the field; ``None``: every id of the vocabulary (the paper's layout).
         seed: selects the hash functions; the derived seeds are saved in the state_dict.
         sparse: sparse gradients for ``table0`` and ``table1`` (use with ``torch.optim.SparseAdam``).
+        precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
+            int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
+            and counted so in serving bytes and budgets.
         init_std: std of the returned vectors at initialisation (``None``: the library default).
 
     It trains in stages (:attr:`schedule_type`, :meth:`fit_staged`); :meth:`recluster_` is the re-clustering.
@@ -155,6 +158,8 @@ class CCEEmbedding(CompressedEmbedding):
     #: The budget :meth:`from_budget` built the table to (``None`` when built directly); it is the table served.
     budget_bytes: int | None = None
 
+    row_parameters = ('table0', 'table1')  # stored at `precision` when served
+
     def __init__(
         self,
         cardinalities: int | Sequence[int],
@@ -165,12 +170,14 @@ class CCEEmbedding(CompressedEmbedding):
         clustered_per_row: int | None = 8,
         seed: int = 0,
         sparse: bool = False,
+        precision: str = "fp32",
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         seed = check_seed(seed, owner=self)
         self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
+        self.precision = check_precision(precision, owner=self)
         self.chunks = c = check_positive_int("chunks", chunks, owner=self)
         if embedding_dim % c:
             raise self._fail(f"chunks={c} must divide embedding_dim={embedding_dim}")
@@ -226,7 +233,7 @@ class CCEEmbedding(CompressedEmbedding):
 
     def _embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         r0, r1 = self._rows_of(ids, fields)
-        return F.embedding(r0, self.table0, sparse=self.sparse) + F.embedding(r1, self.table1, sparse=self.sparse)
+        return self.read_rows(self.table0, r0) + self.read_rows(self.table1, r1)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.table0, self.table1] if self.sparse else []

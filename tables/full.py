@@ -12,10 +12,10 @@ import itertools
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import BudgetKnob, CompressedEmbedding, check_bool, init_rows_, resolve_init_std
+from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
 
 
@@ -25,6 +25,8 @@ class FullEmbedding(CompressedEmbedding):
 
     Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``; ids of field ``f`` must lie in ``[0, n_f)``.
     Rows start ``N(0, init_std**2)`` (``None``: the library default, see :func:`embcompress.contract.default_init_std`).
+    ``precision`` (fp32, fp16, bf16, int8, int4) is the precision the rows are served at: trained in fp32, returned
+    at that precision in eval mode and by :meth:`export`, and counted so (int8 at D=16: 24 bytes a row).
 
     >>> import torch
     >>> t = FullEmbedding([10, 3], 4, sparse=True)
@@ -34,19 +36,23 @@ class FullEmbedding(CompressedEmbedding):
     True
     """
 
+    row_parameters = ('weight',)  # stored at `precision` when served
+
     def __init__(
         self, cardinalities: int | Sequence[int], embedding_dim: int, *, sparse: bool = False,
+        precision: str = "fp32",
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         self.sparse = check_bool("sparse", sparse, owner=self)
+        self.precision = check_precision(precision, owner=self)
         self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.weight = nn.Parameter(init_rows_(torch.empty(sum(self.cardinalities), embedding_dim), self.init_std))
         offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids + self.offsets[fields], self.weight, sparse=self.sparse)
+        return self.read_rows(self.weight, ids + self.offsets[fields])
 
     @classmethod
     def budget_knob(cls, cardinalities, embedding_dim, **options) -> BudgetKnob:

@@ -44,6 +44,7 @@ from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, resolve_init_std,
 )
 from embcompress.hashing import bucket, field_seeds, keyed_seeds
+from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
 
 IMPORTANCE_HASH = -1  # the keyed (v2) hash number of the importance row; pool hashes are 0..k-1
@@ -66,6 +67,9 @@ class HashEmbedding(CompressedEmbedding):
             to ``D`` with a bias-free linear layer.
         seed: selects the hash functions; the derived seeds are saved in the state_dict.
         sparse: sparse gradients for ``pool`` and ``importance`` (use with ``torch.optim.SparseAdam``).
+        precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
+            int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
+            and counted so in serving bytes and budgets.
         init_std: std of the returned vectors at initialisation (``None``: the library default).
 
     >>> import torch
@@ -80,6 +84,8 @@ class HashEmbedding(CompressedEmbedding):
     #: How the per-(field, hash) seeds derive from ``seed``: ``"counter"`` (``.v1``) or ``"keyed"`` (``.v2``).
     seed_scheme: ClassVar[str] = "counter"
 
+    row_parameters = ('pool', 'importance')  # stored at `precision` when served
+
     def __init__(
         self,
         cardinalities: int | Sequence[int],
@@ -91,6 +97,7 @@ class HashEmbedding(CompressedEmbedding):
         append_weights: bool = False,
         seed: int = 0,
         sparse: bool = False,
+        precision: str = "fp32",
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -100,6 +107,7 @@ class HashEmbedding(CompressedEmbedding):
         self.weights = weights = check_bool("weights", weights, owner=self)
         self.append_weights = append_weights = check_bool("append_weights", append_weights, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
+        self.precision = check_precision(precision, owner=self)
         if append_weights and not weights:
             raise self._fail("append_weights=True needs weights=True: there are no importance weights to append")
         seed = check_seed(seed, owner=self)
@@ -128,10 +136,10 @@ class HashEmbedding(CompressedEmbedding):
         k = self.num_hashes
         # All k pool rows and the importance row in one call: they share the modulus since K = B.
         rows = bucket(ids.unsqueeze(-1), self.seeds[fields], self.num_buckets)  # [..., k (+1)]
-        vecs = F.embedding(rows[..., :k], self.pool, sparse=self.sparse)  # [..., k, D]
+        vecs = self.read_rows(self.pool, rows[..., :k])  # [..., k, D]
         if not self.weights:
             return vecs.sum(-2)
-        p = F.embedding(rows[..., k], self.importance, sparse=self.sparse)  # [..., k]
+        p = self.read_rows(self.importance, rows[..., k])  # [..., k]
         out = (p.unsqueeze(-1) * vecs).sum(-2)
         if self.append_weights:
             out = F.linear(torch.cat([out, p], dim=-1), self.projection)

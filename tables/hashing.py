@@ -33,7 +33,6 @@ import itertools
 from typing import ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import (
@@ -41,6 +40,7 @@ from embcompress.contract import (
     check_seed, init_rows_, resolve_init_std,
 )
 from embcompress.hashing import bucket, field_seeds, keyed_seeds
+from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
 
 
@@ -60,6 +60,9 @@ class HashingEmbedding(CompressedEmbedding):
             fields are stored uncompressed and need ids below ``n_f``).
         seed: selects the hash functions; the derived per-field seeds are saved in the state_dict.
         sparse: sparse gradients (use with ``torch.optim.SparseAdam``).
+        precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
+            int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
+            and counted so in serving bytes and budgets.
         init_std: std of the returned vectors at initialisation (double-hashed rows start at ``init_std /
             sqrt(2)`` so their sums match); ``None``: the library default.
 
@@ -79,6 +82,8 @@ class HashingEmbedding(CompressedEmbedding):
     #: How the per-(field, hash) seeds derive from ``seed``: ``"counter"`` (``.v1``) or ``"keyed"`` (``.v2``).
     seed_scheme: ClassVar[str] = "counter"
 
+    row_parameters = ('weight',)  # stored at `precision` when served
+
     def __init__(
         self,
         cardinalities: int | Sequence[int],
@@ -90,6 +95,7 @@ class HashingEmbedding(CompressedEmbedding):
         hash_small_fields: bool = False,
         seed: int = 0,
         sparse: bool = False,
+        precision: str = "fp32",
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -97,6 +103,7 @@ class HashingEmbedding(CompressedEmbedding):
         self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.shared = check_bool("shared", shared, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
+        self.precision = check_precision(precision, owner=self)
         hash_small_fields = check_bool("hash_small_fields", hash_small_fields, owner=self)
         self.frequent = check_int("frequent", frequent, lo=0, owner=self)  # dedicated rows per field
         if self.frequent and self.shared:
@@ -156,7 +163,7 @@ class HashingEmbedding(CompressedEmbedding):
             rows = bucket(ids, self.seeds[fields, 0], self.rows[fields])
             if self._any_direct:
                 rows = torch.where(self.direct[fields], ids, rows)
-            return F.embedding(rows + offsets, self.weight, sparse=self.sparse)
+            return self.read_rows(self.weight, rows + offsets)
         dedicated = self.dedicated[fields]
         hashed = bucket(ids.unsqueeze(-1), self.seeds[fields], self.rows[fields].unsqueeze(-1))
         hashed = hashed + dedicated.unsqueeze(-1)
@@ -165,7 +172,7 @@ class HashingEmbedding(CompressedEmbedding):
         # Ids with their own row gather it twice (the copy is zeroed), so no index leaves the field's rows.
         second = torch.where(own_row, ids, hashed[..., 1])
         rows = torch.stack([first, second], dim=-1) + offsets.unsqueeze(-1)
-        vectors = F.embedding(rows, self.weight, sparse=self.sparse)
+        vectors = self.read_rows(self.weight, rows)
         return vectors[..., 0, :] + vectors[..., 1, :] * (~own_row).unsqueeze(-1).to(vectors.dtype)
 
     def sparse_parameters(self) -> list[nn.Parameter]:

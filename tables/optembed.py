@@ -316,8 +316,10 @@ class OptEmbed(CompressedEmbedding):
         return self.export_bytes([1] * self.num_fields, kept)
 
     @torch.no_grad()
-    def export(self) -> "OptEmbedExport":
-        """The compact inference table; it outputs exactly what this table outputs in eval mode."""
+    def export(self, precision: str | None = None) -> "OptEmbedExport":
+        """The compact inference table; it outputs exactly what this table outputs in eval mode (fp32 rows only)."""
+        if precision not in (None, "fp32"):
+            raise ValueError(f"{self._owner_name()}: the export serves fp32 rows, got precision={precision!r}")
         mask = self.current_row_mask()
         return OptEmbedExport.from_rows(
             self.cardinalities, self.embedding_dim, self.weight.detach(), mask, self.dims.tolist(),

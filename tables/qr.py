@@ -38,7 +38,6 @@ import numbers
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import (
@@ -46,6 +45,7 @@ from embcompress.contract import (
     init_rows_, resolve_init_std,
 )
 from embcompress.validate import owner_name
+from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
 
 __all__ = ["QREmbedding", "partition_plan", "partition_indices", "sub_dims"]
@@ -149,6 +149,9 @@ class QREmbedding(CompressedEmbedding):
         operation: ``"mult"`` (elementwise product), ``"add"`` or ``"concat"`` (needs ``D >= k``).
         threshold: fields with at most this many ids keep a full table (default 200, as in the paper).
         sparse: sparse gradients for the weights (use with ``torch.optim.SparseAdam``).
+        precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
+            int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
+            and counted so in serving bytes and budgets.
         init_std: std of the composed vectors at initialisation (``None``: the library default); the sub-table
             rows start at the scale that gives it (see the comment in ``__init__``).
 
@@ -159,6 +162,8 @@ class QREmbedding(CompressedEmbedding):
     >>> t.weight.shape
     torch.Size([2050, 8])
     """
+
+    row_parameters = ('weight', 'weight_wide')  # stored at `precision` when served
 
     def __init__(
         self,
@@ -171,6 +176,7 @@ class QREmbedding(CompressedEmbedding):
         operation: str = "mult",
         threshold: int = 200,
         sparse: bool = False,
+        precision: str = "fp32",
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -180,6 +186,7 @@ class QREmbedding(CompressedEmbedding):
         k = int(partitions)
         self.scheme, self.partitions, self.operation = scheme, k, operation
         self.threshold, self.sparse = int(threshold), check_bool("sparse", sparse, owner=self)
+        self.precision = check_precision(precision, owner=self)
         dims = sub_dims(embedding_dim, k, operation)
         wide = embedding_dim % k if operation == "concat" else 0  # partitions 0..wide-1 live in weight_wide
         self.num_wide = wide
@@ -249,14 +256,14 @@ class QREmbedding(CompressedEmbedding):
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         if self.operation == "concat":
             rows = self.partition_rows(ids, fields)
-            parts = F.embedding(rows[..., self.num_wide :], self.weight, sparse=self.sparse).flatten(-2)
+            parts = self.read_rows(self.weight, rows[..., self.num_wide :]).flatten(-2)
             if self.num_wide:
-                wide = F.embedding(rows[..., : self.num_wide], self.weight_wide, sparse=self.sparse).flatten(-2)
+                wide = self.read_rows(self.weight_wide, rows[..., : self.num_wide]).flatten(-2)
                 parts = torch.cat([wide, parts], dim=-1)
             return parts
         if self._all_full:
-            return F.embedding(self.partition_rows(ids, fields)[..., 0], self.weight, sparse=self.sparse)
-        g = F.embedding(self._rows_partition_first(ids, fields), self.weight, sparse=self.sparse)  # [k, ..., D]
+            return self.read_rows(self.weight, self.partition_rows(ids, fields)[..., 0])
+        g = self.read_rows(self.weight, self._rows_partition_first(ids, fields))  # [k, ..., D]
         if self.operation == "add":
             out = g.sum(0)
         else:  # explicit products: torch.prod's backward takes a slower zero-safe path

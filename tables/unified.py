@@ -28,13 +28,13 @@ from __future__ import annotations
 from typing import ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, init_rows_, resolve_init_std,
 )
 from embcompress.hashing import bucket, field_seeds, keyed_seeds
+from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
 
 
@@ -52,6 +52,9 @@ class UnifiedEmbedding(CompressedEmbedding):
         num_tables: number of shared tables; fields are assigned round robin (``f % num_tables``).
         seed: selects the hash functions; the derived seeds are saved in the state_dict.
         sparse: sparse gradients for ``weight`` (use with ``torch.optim.SparseAdam``).
+        precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
+            int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
+            and counted so in serving bytes and budgets.
         init_std: std of the returned vectors at initialisation (``None``: the library default).
 
     >>> import torch
@@ -66,6 +69,8 @@ class UnifiedEmbedding(CompressedEmbedding):
     #: How the per-(field, chunk) seeds derive from ``seed``: ``"counter"`` (``.v1``) or ``"keyed"`` (``.v2``).
     seed_scheme: ClassVar[str] = "counter"
 
+    row_parameters = ('weight',)  # stored at `precision` when served
+
     def __init__(
         self,
         cardinalities: int | Sequence[int],
@@ -76,6 +81,7 @@ class UnifiedEmbedding(CompressedEmbedding):
         num_tables: int = 1,
         seed: int = 0,
         sparse: bool = False,
+        precision: str = "fp32",
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -95,6 +101,7 @@ class UnifiedEmbedding(CompressedEmbedding):
             )
         seed = check_seed(seed, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
+        self.precision = check_precision(precision, owner=self)
         self.chunk_dim = self.embedding_dim // self.chunks
         # Chunks are entries of the output, so each starts at init_std itself.
         self.weight = nn.Parameter(init_rows_(torch.empty(self.num_tables * self.num_buckets, self.chunk_dim),
@@ -111,7 +118,7 @@ class UnifiedEmbedding(CompressedEmbedding):
         # [..., 1] against the [..., k] seeds of each id's field: every chunk hashed in one call.
         rows = bucket(ids.unsqueeze(-1), self.seeds[fields], self.num_buckets)
         rows = rows + self.offsets[fields].unsqueeze(-1)
-        out = F.embedding(rows, self.weight, sparse=self.sparse)  # [..., k, d_chunk]
+        out = self.read_rows(self.weight, rows)  # [..., k, d_chunk]
         return out.flatten(-2)
 
     budget_keys = ("num_buckets",)

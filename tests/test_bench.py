@@ -405,8 +405,11 @@ def test_synthetic_full_covers_every_method_model_budget_and_seed():
     # One version of each method family: a .v2 that only re-keys seeds adds nothing the grid must measure.
     family = {name.rsplit(".", 1)[0] for name in list_tables()}
     assert {m.table["type"].rsplit(".", 1)[0] for m in suite.methods} >= family, "add the new method to synthetic_full"
-    assert all(m.compression == (2, 4, 16, 64, 256, 1000) for m in suite.methods if m.name != "full")
-    assert len(suite.runs()) == 2 * 3 * (1 + 17 * 6)
+    # the full table served at a precision has one size (fp16 2x, int8 2.67x, int4 5.33x): one budget each
+    one_size = {"full-fp16": (2,), "full-int8": (2,), "full-int4": (4,)}
+    assert all(m.compression == one_size.get(m.name, (2, 4, 16, 64, 256, 1000)) for m in suite.methods
+               if m.name != "full")
+    assert len(suite.runs()) == 2 * 3 * (1 + 22 * 6 + 3)
 
 
 # ------------------------------------------------------------------------------------------------ tuning

@@ -116,13 +116,14 @@ def records(tmp_path_factory):
         "methods": [
             {"name": "full", "table": {"type": "full.v1", "sparse": True}},
             {"name": "hashing", "table": {"type": "hashing.v1"}, "compression": [4]},
+            {"name": "hashing-int8", "table": {"type": "hashing.v1", "precision": "int8"}, "compression": [4]},
             {"name": "optembed", "table": {"type": "optembed.v1"}, "compression": [4],
              "schedule": {"threshold_lr": 1.0, "generations": 1, "population": 4, "keep": 2, "mutations": 2, "crossovers": 2,
                           "search_rows": 500}},
         ],
     }))
     out = run_suite(load_suite(suite_file), tmp / "out", progress=False)
-    assert [r["status"] for r in out] == ["ok"] * 3, [r.get("error") for r in out]
+    assert [r["status"] for r in out] == ["ok"] * 4, [r.get("error") for r in out]
     return {r["method"]: r for r in out}
 
 
@@ -134,6 +135,10 @@ def test_records_hold_training_and_serving_bytes(records):
     hashing = records["hashing"]
     assert hashing["optimizer_state_bytes"] > 0
     assert hashing["training_bytes"] == hashing["serving_bytes"] + hashing["optimizer_state_bytes"]
+    int8 = records["hashing-int8"]  # trains fp32 rows and serves them at int8, with more rows for the budget
+    assert int8["serving_bytes"] <= int8["target_bytes"] < int8["training_bytes"] - int8["optimizer_state_bytes"]
+    assert int8["precision"] == "int8" and 0.5 < int8["fp32_test_auc"] < 1 and int8["fp32_test_auc"] != int8["test_auc"]
+    assert "precision" not in hashing and "fp32_test_auc" not in hashing
     full = records["full"]  # full.v1 sparse: SparseAdam's two fp32 moments per value, its step an int
     assert full["optimizer_state_bytes"] == 2 * full["baseline_bytes"]
     assert full["training_bytes"] == full["serving_bytes"] + full["optimizer_state_bytes"]
@@ -186,3 +191,14 @@ def test_the_report_names_methods_whose_stored_bytes_are_mostly_buffers():
     assert "- indexed: 60% at 4x\n" in table + "\n"
     assert "- rows:" not in table and "- export:" not in table
     assert "Buffers (" not in format_table(records[2:])
+
+
+def test_the_report_shows_what_a_served_precision_cost():
+    base = {"status": "ok", "model": "m", "seed": 0, "test_logloss": 0.5, "samples_per_second": 1.0,
+            "best_epoch": 1, "dense_parameters": 10, "ratio": 2.6, "target_ratio": 2.0, "bytes": 1000}
+    records = [{**base, "method": "full-int8", "precision": "int8", "test_auc": 0.70, "fp32_test_auc": 0.71},
+               {**base, "method": "full-int8", "seed": 1, "precision": "int8", "test_auc": 0.72, "fp32_test_auc": 0.72},
+               {**base, "method": "hashing", "test_auc": 0.69}]
+    table = format_table(records)
+    assert "| full-int8 | 2x | int8 | 1,000 | 0.7100 | 0.7150 | -0.0050 |" in table
+    assert "| hashing | 2x | int8" not in table and "Served precision" not in format_table(records[2:])
