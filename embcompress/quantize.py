@@ -8,17 +8,20 @@ name      stored per row                                         bytes per row
 fp32      ``D`` float32                                          ``4 D``
 fp16      ``D`` float16                                          ``2 D``
 bf16      ``D`` bfloat16                                         ``2 D``
-int8      ``D`` uint8 codes, float32 scale and offset            ``D + 8``
+int8      ``D`` uint8 codes, float16 scale and offset            ``D + 4``
 int4      ``ceil(D / 2)`` bytes of packed 4-bit codes, float16   ``ceil(D / 2) + 4``
           scale and offset
 ========  =====================================================  ============================
 
 Integer rows are affine per row (asymmetric, as fbgemm's row-wise formats): ``lo = min(row)``,
 ``scale = (max(row) - lo) / (2**b - 1)``, ``code = clamp(round((x - lo) / scale), 0, 2**b - 1)`` and back
-``x' = code * scale + lo``. The scale and offset are rounded to their stored dtype *before* the codes are made,
-so the codes are the best ones for the stored scale. A constant row gets scale 1 and codes 0 (``x' = lo``
-exactly). The layouts match fbgemm's (int8: fp32 scale and bias; int4: fp16 scale and bias), so torchrec's
-quantized kernels serve the same bytes up to their row alignment.
+``x' = code * scale + lo``. The scale and offset are stored in fp16, rounded outwards (the offset down, the scale
+up, so no value of the row falls outside the codes' range) *before* the codes are made, so the codes are the best
+ones for the stored scale. A constant row (or one whose range is below fp16's
+resolution) gets scale 1 and codes 0 (``x' = lo`` in fp16). The layout is that of fbgemm's n-bit table-batched
+inference kernels, which torchrec's quantized collections run (``D`` or ``D / 2`` code bytes and an fp16 scale and
+bias per row), so they serve the same bytes up to their row alignment (16 bytes by default: an int8 row of D=16
+takes 32 bytes there, 20 here; see :func:`embcompress.torchrec.quantized_collection`).
 
 Rounding is to nearest (ties to even, ``torch.round``) for serving, or stochastic for training write-back
 (Gupta, Agrawal, Gopalakrishnan & Narayanan, "Deep Learning with Limited Numerical Precision", ICML 2015; the
@@ -48,7 +51,7 @@ __all__ = [
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 _FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _BITS = {"int8": 8, "int4": 4}
-_AFFINE_DTYPE = {"int8": torch.float32, "int4": torch.float16}  # of the scale and the offset
+_AFFINE_DTYPE = {"int8": torch.float16, "int4": torch.float16}  # of the scale and the offset
 
 
 def check_precision(precision, *, owner=None) -> str:
@@ -81,11 +84,21 @@ def _affine(rows: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Ten
     levels = (1 << _BITS[precision]) - 1
     lo, hi = rows.amin(-1), rows.amax(-1)
     dtype = _AFFINE_DTYPE[precision]
-    offset = lo.to(dtype)
-    scale = ((hi - offset.float()) / levels).to(dtype)
+    # Rounded outwards (offset down, scale up), so [offset, offset + levels * scale] holds the whole row: no value
+    # is clipped, which would bias stochastic rounding at the row's extremes.
+    offset = _round_to(lo, dtype, down=True)
+    scale = _round_to((hi - offset.float()) / levels, dtype, down=False)
     # A constant row, or a range below the dtype's resolution: any scale reproduces lo; 1 keeps the codes 0.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, offset
+
+
+def _round_to(x: torch.Tensor, dtype: torch.dtype, *, down: bool) -> torch.Tensor:
+    """fp32 ``x`` in ``dtype``, rounded towards -inf (``down``) or +inf rather than to nearest."""
+    y = x.to(dtype)
+    off = y.float() > x if down else y.float() < x
+    step = torch.full_like(y, float("-inf") if down else float("inf"))
+    return torch.where(off, torch.nextafter(y, step), y)
 
 
 def quantize_rows(rows: torch.Tensor, precision: str, *, stochastic: bool = False,
@@ -132,7 +145,7 @@ class QuantizedRows(nn.Module):
     >>> import torch
     >>> w = torch.randn(100, 16)
     >>> q = QuantizedRows(w, "int8")
-    >>> [tuple(b.shape) for b in q.buffers()], q.stored_bytes() == 100 * (16 + 8)
+    >>> [tuple(b.shape) for b in q.buffers()], q.stored_bytes() == 100 * (16 + 4)
     ([(100, 16), (100,), (100,)], True)
     >>> torch.equal(q.lookup(torch.tensor([3, 7])), fake_quantize_rows(w[[3, 7]], "int8"))
     True
