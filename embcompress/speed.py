@@ -242,6 +242,7 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
     n_batches = 4
     ids = zipf_ids(cards, n_batches * suite.batch_size).to(device)
     entries = list(suite.methods)
+    torchrec_ok = False
     if suite.torchrec:
         try:
             import torchrec  # noqa: F401
@@ -249,6 +250,7 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
             fused = _fused_optimizer(device).__name__
             entries += [SpeedMethod(f"{TORCHREC_NAME} (dense grads, Adam)", {"type": "torchrec"}),
                         SpeedMethod(f"torchrec FusedEmbeddingBagCollection (fused {fused})", {"type": "torchrec-fused"})]
+            torchrec_ok = True
         except ImportError:
             pass
     records = []
@@ -279,13 +281,46 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
             record = {"method": m.name, "table": m.table, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         records.append(record)
         model = served = table = None  # free this one's tables before the next is built
+    if suite.torchrec and torchrec_ok and device == "cpu":  # fbgemm's CPU n-bit kernels; serving only
+        records += _torchrec_quantized_serving(suite, cards, dim, base, ids, device)
     ok = [r for r in records if r["status"] == "ok"]
-    fastest_full = max((r["train_samples_per_second"] for r in ok if r["table"]["type"] == "full.v1"), default=None)
-    fastest_torchrec = max((r["train_samples_per_second"] for r in ok if r["table"]["type"].startswith("torchrec")),
-                           default=None)
+    trained = [r for r in ok if r["train_samples_per_second"] is not None]
+    fastest_full = max((r["train_samples_per_second"] for r in trained if r["table"]["type"] == "full.v1"),
+                       default=None)
+    fastest_torchrec = max((r["train_samples_per_second"] for r in trained
+                            if r["table"]["type"].startswith("torchrec")), default=None)
     for r in ok:
-        r["vs_full"] = r["train_samples_per_second"] / fastest_full if fastest_full else None
-        r["vs_torchrec"] = r["train_samples_per_second"] / fastest_torchrec if fastest_torchrec else None
+        speed = r["train_samples_per_second"]
+        r["vs_full"] = speed / fastest_full if fastest_full and speed is not None else None
+        r["vs_torchrec"] = speed / fastest_torchrec if fastest_torchrec and speed is not None else None
+    return records
+
+
+def _torchrec_quantized_serving(suite: SpeedSuite, cards, dim: int, base: int, ids: torch.Tensor,
+                                device: str) -> list[dict]:
+    """Lookup latency of torchrec's quantized collections serving a full table's rows (there is no training
+    step: they are inference modules), beside our own exports at the same precisions."""
+    from .tables.full import FullEmbedding
+    from .torchrec import quantized_collection
+
+    keys = [f"C{i + 1}" for i in range(len(cards))]
+    table = FullEmbedding(cards, dim).set_field_names(keys)
+    records = []
+    for precision in ("fp16", "int8", "int4"):
+        name = f"torchrec quantized collection, {precision} rows (serving only)"
+        try:
+            collection = quantized_collection(table, precision)
+            served = _TorchrecHead(collection, keys, len(cards) * dim)
+            records.append({
+                "method": name, "table": {"type": f"torchrec-quant-{precision}"}, "target_ratio": None,
+                "optimizer": None, "bytes": collection.stored_bytes(), "ratio": base / collection.stored_bytes(),
+                "train_samples_per_second": None,
+                "latency_b1_s": _latency(served, ids, 1, suite.repeats, device),
+                "latency_b1024_s": _latency(served, ids, 1024, suite.repeats, device), "status": "ok",
+            })
+        except Exception as err:  # reported like any failing method
+            records.append({"method": name, "table": {"type": f"torchrec-quant-{precision}"}, "status": "failed",
+                            "error": f"{type(err).__name__}: {err}"})
     return records
 
 
@@ -308,8 +343,10 @@ def format_speed(records: list[dict], suite: SpeedSuite, device: str) -> str:
             continue
         fmt = lambda v: f"{v:.2f}x" if v is not None else "n/a"  # noqa: E731
         target = f"{r['target_ratio']:g}x" if r["target_ratio"] else "-"
+        speed = r["train_samples_per_second"]
         lines.append(
-            f"| {r['method']} | {target} | {r['bytes']:,} | {r['ratio']:.1f}x | {r['train_samples_per_second']:,.0f} "
+            f"| {r['method']} | {target} | {r['bytes']:,} | {r['ratio']:.1f}x | "
+            f"{f'{speed:,.0f}' if speed is not None else 'serving only'} "
             f"| {fmt(r['vs_full'])} | {fmt(r['vs_torchrec'])} | {r['latency_b1_s'] * 1e6:,.0f} "
             f"| {r['latency_b1024_s'] * 1e3:,.2f} |"
         )

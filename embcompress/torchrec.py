@@ -57,7 +57,8 @@ from .contract import CompressedEmbedding
 from .data import Batch
 from .registry import build_table
 
-__all__ = ["TORCHREC_VERSION", "CompressedEmbeddingBagCollection", "configs_for", "ids_to_kjt", "to_torchrec_batch"]
+__all__ = ["TORCHREC_VERSION", "CompressedEmbeddingBagCollection", "configs_for", "ids_to_kjt", "to_torchrec_batch",
+           "QuantizedCollection", "quantized_collection"]
 
 TORCHREC_VERSION = getattr(torchrec, "__version__", "unknown")
 _MODES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
@@ -260,3 +261,60 @@ def to_torchrec_batch(batch: Batch, keys: Sequence[str]) -> TorchrecBatch:
         raise TypeError(f"batch must be an embcompress.data.Batch, got {type(batch).__name__}")
     return TorchrecBatch(dense_features=batch.dense, sparse_features=ids_to_kjt(batch.sparse, keys),
                          labels=batch.labels)
+
+
+_QUANT_DTYPES = {"fp16": torch.half, "int8": torch.qint8, "int4": torch.quint4x2}
+
+
+class QuantizedCollection(torch.nn.Module):
+    """torchrec's quantized ``EmbeddingBagCollection`` (fbgemm's n-bit inference kernels) serving the rows of a
+    ``full.v1`` table: ``forward(KeyedJaggedTensor) -> KeyedTensor``, with :meth:`stored_bytes` counting what the
+    kernels hold (``weights_host``, rows padded to ``row_alignment`` bytes). Built by :func:`quantized_collection`.
+    """
+
+    def __init__(self, ebc: torch.nn.Module, precision: str, row_alignment: int) -> None:
+        super().__init__()
+        self.ebc, self.precision, self.row_alignment = ebc, precision, row_alignment
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.ebc(features)
+
+    def stored_bytes(self) -> int:
+        """Bytes of every kernel's weight storage (codes, fp16 scale and bias, row padding)."""
+        return sum(m.weights_host.numel() * m.weights_host.element_size() for m in self.ebc._emb_modules)
+
+
+def quantized_collection(table: CompressedEmbedding, precision: str, *, row_alignment: int = 16
+                         ) -> QuantizedCollection:
+    """The rows of a ``full.v1`` ``table`` served by torchrec's quantized collection at ``precision`` (fp16, int8,
+    int4): one torchrec table per field, named as :func:`configs_for` names them, sum pooling.
+
+    ``quantize_embeddings`` only converts an ``EmbeddingBagCollection`` held by a parent module (a bare one is
+    returned unchanged), so the collection is wrapped before it is quantized. ``row_alignment`` is the bytes each
+    stored row is padded to (torchrec's default 16: an int8 row of D=16, 20 bytes of codes, scale and bias, takes
+    32; 4 keeps it at 20).
+    """
+    from torchrec.inference.modules import quantize_embeddings
+    from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
+    if getattr(table, "registry_name", "") != "full.v1":
+        raise ValueError(f"quantized_collection serves full.v1 tables, got {getattr(table, 'registry_name', table)!r}")
+    if precision not in _QUANT_DTYPES:
+        raise ValueError(f"quantized_collection: precision must be one of {list(_QUANT_DTYPES)}, got {precision!r}")
+    configs = configs_for(table.cardinalities, table.embedding_dim, table.field_names)
+    ebc = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+    with torch.no_grad():
+        for f, config in enumerate(configs):
+            start = int(table.offsets[f])
+            rows = table.weight[start:start + table.cardinalities[f]].detach().float().cpu()
+            ebc.embedding_bags[config.name].weight.copy_(rows)
+
+    class _Parent(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.ebc = inner
+
+    parent = _Parent(ebc)
+    quant_prep_customize_row_alignment(parent, [torchrec.EmbeddingBagCollection], row_alignment)
+    quantize_embeddings(parent, dtype=_QUANT_DTYPES[precision], inplace=True)
+    return QuantizedCollection(parent.ebc, precision, row_alignment)

@@ -180,7 +180,7 @@ def test_speed_suite_runs_and_reports_ratios(tmp_path):
 
 def test_speed_suite_with_torchrec_optimizers_and_a_staged_table(tmp_path):
     pytest.importorskip("torchrec")
-    from embcompress.speed import load_speed_suite, run_speed
+    from embcompress.speed import format_speed, load_speed_suite, run_speed
 
     path = tmp_path / "speed.yaml"
     path.write_text(yaml.safe_dump({
@@ -188,13 +188,21 @@ def test_speed_suite_with_torchrec_optimizers_and_a_staged_table(tmp_path):
         "methods": [{"name": "full adagrad", "table": {"type": "full.v1", "sparse": True}, "optimizer": "adagrad"},
                     {"name": "optembed", "table": {"type": "optembed.v1", "sparse": True}, "compression": 4}],
     }))
-    records = run_speed(load_speed_suite(path), progress=False)
-    assert [r["status"] for r in records] == ["ok"] * 4, [r.get("error") for r in records]
+    suite = load_speed_suite(path)
+    records = run_speed(suite, progress=False)
+    assert [r["status"] for r in records] == ["ok"] * 7, [r.get("error") for r in records]
     assert records[0]["optimizer"] == "adagrad"
     assert records[1]["ratio"] >= 4 and records[1]["bytes"] == pytest.approx(records[0]["bytes"] / 4, rel=0.01)
     fused = records[3]
     assert fused["method"] == "torchrec FusedEmbeddingBagCollection (fused Adagrad)"
-    assert max(r["vs_torchrec"] for r in records[2:]) == 1.0
+    assert max(r["vs_torchrec"] for r in records[2:4]) == 1.0
+    # torchrec's quantized collections: serving only, their kernels' bytes (int8 rows padded to 16 bytes)
+    quant = {r["table"]["type"]: r for r in records[4:]}
+    assert set(quant) == {"torchrec-quant-fp16", "torchrec-quant-int8", "torchrec-quant-int4"}
+    rows = records[0]["bytes"] // 4 // 16
+    assert quant["torchrec-quant-int8"]["bytes"] >= rows * 32 and quant["torchrec-quant-int8"]["vs_full"] is None
+    assert "| torchrec quantized collection, int8 rows (serving only) | - |" in format_speed(records, suite, "cpu")
+    assert "serving only" in format_speed(records, suite, "cpu")
 
 
 def test_speed_suite_rejects_an_unknown_optimizer(tmp_path):

@@ -198,3 +198,42 @@ def test_torchrec_training_step_on_project_data():
     with pytest.raises(ValueError, match="3 keys"):
         ids_to_kjt(batch.sparse, ["a", "b", "c"])
     assert isinstance(batch, Batch)
+
+
+# ------------------------------------------------------------------------------ torchrec's quantized collections
+def test_quantized_collection_serves_our_rows_and_counts_the_kernels_storage():
+    from embcompress.quantize import row_bytes
+    from embcompress.tables.full import FullEmbedding
+    from embcompress.torchrec import ids_to_kjt, quantized_collection
+
+    torch.manual_seed(0)
+    table = FullEmbedding([100, 30, 7], 16).set_field_names(["a", "b", "c"])
+    ids = torch.tensor([[1, 2, 3], [99, 29, 6], [0, 0, 0]])
+    rows = 137
+    for precision in ("fp16", "int8", "int4"):
+        ours = table.export(precision)(ids)
+        served = {}
+        for alignment in (16, 1):
+            q = quantized_collection(table, precision, row_alignment=alignment)
+            served[alignment] = q.stored_bytes()
+            out = q(ids_to_kjt(ids, ["a", "b", "c"])).values().view(3, 3, 16)
+            if precision == "fp16":
+                assert torch.equal(out, ours)
+            else:  # fbgemm rounds its scale to nearest, ours outwards: within one step of the row's codes
+                step = (table.weight.max() - table.weight.min()) / (255 if precision == "int8" else 15)
+                assert (out - ours).abs().max() <= step
+        assert served[1] >= rows * row_bytes(16, precision)
+        assert served[16] >= rows * -(-row_bytes(16, precision) // 16) * 16  # rows padded to 16 bytes
+    assert quantized_collection(table, "int8", row_alignment=16).stored_bytes() > \
+        quantized_collection(table, "int8", row_alignment=4).stored_bytes()  # 32 against 20 bytes a row
+
+
+def test_quantized_collection_refuses_what_it_cannot_serve():
+    from embcompress.tables.full import FullEmbedding
+    from embcompress.tables.hashing import HashingEmbedding
+    from embcompress.torchrec import quantized_collection
+
+    with pytest.raises(ValueError, match="full.v1"):
+        quantized_collection(HashingEmbedding([100], 4, num_buckets=10), "int8")
+    with pytest.raises(ValueError, match="'int3'"):
+        quantized_collection(FullEmbedding([100], 4), "int3")
