@@ -417,7 +417,7 @@ def test_synthetic_full_covers_every_method_model_budget_and_seed():
     one_size = {"full-fp16": (2,), "full-int8": (2,), "full-int4": (4,)}
     assert all(m.compression == one_size.get(m.name, (2, 4, 16, 64, 256, 1000)) for m in suite.methods
                if m.name != "full")
-    assert len(suite.runs()) == 2 * 3 * (1 + 22 * 6 + 3)
+    assert len(suite.runs()) == 2 * 3 * (1 + 23 * 6 + 3)
 
 
 # ------------------------------------------------------------------------------------------------ tuning
