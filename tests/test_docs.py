@@ -26,3 +26,12 @@ def test_docstring_examples_run(name):
     kind = name.split(".")[1]
     if kind in ("tables", "ctr_models") and not name.endswith((".__init__", ".layers")) and name.count(".") == 2:
         assert result.attempted > 0, f"{name} has no runnable example in its docstrings"
+
+
+def test_readme_examples_run():
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    result = doctest.testfile(str(readme), module_relative=False,
+                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
