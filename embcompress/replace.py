@@ -210,7 +210,7 @@ class ReplacedTable:
     dim: int
     dtype: str
     bytes_before: int  # rows * dim * element_size of the host weight
-    bytes_after: int  # memory_report().total_bytes of the new (cast) table
+    bytes_after: int  # memory_report().serving_bytes of the new (cast) table
     budget_bytes: int  # this table's share of the budget
     init_std: float  # the host weight's std, the new table's init_std
     method: str
@@ -393,7 +393,7 @@ def _build(spec: dict, path: str, module: nn.Module, target: int, dtype: torch.d
     except Exception as exc:  # the method does not run in this dtype / on this device
         raise TypeError(f"{spec['type']} does not work in {name} on {device} (the dtype and device of the "
                         f"{_kind(module)} at {path!r}): {type(exc).__name__}: {exc}") from exc
-    built = table.memory_report().total_bytes
+    built = table.memory_report().serving_bytes  # budgets bind the served bytes
     if built > target:  # the sizing must be the real one
         raise RuntimeError(f"{path!r}: built {built:,} bytes for a budget of {target:,} bytes in {name}")
     return table
@@ -561,7 +561,7 @@ def replace_embeddings(
             record = ReplacedTable(
                 path=path, kind=_kind(module), rows=module.num_embeddings, dim=module.embedding_dim,
                 dtype=str(weight.dtype).removeprefix("torch."), bytes_before=before[key],
-                bytes_after=table.memory_report().total_bytes, budget_bytes=targets[key], init_std=std,
+                bytes_after=table.memory_report().serving_bytes, budget_bytes=targets[key], init_std=std,
                 method=name, sparse=sparse and "sparse" in accepted, aliases=tuple(paths[key][1:]), module=new,
             )
             built[key] = (new, record)

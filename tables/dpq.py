@@ -20,7 +20,8 @@ Design choices:
   reference writes ``q + sg(c - q)``, whose value is ``c`` only up to rounding, and trains the centroids by the
   regulariser alone; here both are trained by it too: :meth:`DPQEmbedding.regularization_loss` is
   ``mean ||sg(q) - c||^2 + beta * mean ||q - sg(c)||^2`` (the codebook loss and the commitment loss, means over
-  the coordinates of the batch's distinct lookups), which the training loop adds to its loss.
+  the coordinates of every lookup of the batch, computed once per distinct lookup and weighted by its count),
+  which the training loop adds to its loss.
 * **One codebook per part, shared by every field** (``[p, K, d]``): the codebooks cost ``K * D * 4`` bytes
   whatever the number of fields, a field of three ids costs three codes and no codebook of its own, and each
   field still has ``K ** p`` distinct vectors to use. The reference shares one codebook set per embedding table.
@@ -62,7 +63,7 @@ from embcompress.contract import (
 )
 from embcompress.registry import TABLES
 from embcompress.tables.cce import index_dtype
-from embcompress.unique import embed_unique
+from embcompress.unique import unique_pairs
 
 __all__ = ["DPQEmbedding", "DPQExport", "nearest_codes"]
 
@@ -202,9 +203,16 @@ class DPQEmbedding(CompressedEmbedding):
         return nearest_codes(q, self.codebook.detach(), limit).view(*shape, self.parts)
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        return embed_unique(self._embed, ids, fields, self.embedding_dim)
+        if ids.device.type == "meta" or ids.numel() == 0:
+            return self._embed(ids, fields)
+        unique_ids, unique_fields, inverse = unique_pairs(ids, fields)
+        # Each distinct lookup's share of the batch, so the regulariser is the mean over every lookup (as the
+        # reference's), which data-parallel ranks of equal shards average to the mean of the whole batch.
+        share = torch.bincount(inverse, minlength=unique_ids.numel()).to(self.queries.dtype) / inverse.numel()
+        vectors = self._embed(unique_ids, unique_fields, share).reshape(-1, self.embedding_dim)
+        return vectors.index_select(0, inverse).view(*ids.shape, self.embedding_dim)
 
-    def _embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, fields: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
         shape, p, d = ids.shape, self.parts, self.embedding_dim // self.parts
         ids, fields = ids.reshape(-1), torch.broadcast_to(fields, shape).reshape(-1)
         q = F.embedding(ids + self.offsets[fields], self.queries, sparse=self.sparse).view(-1, p, d)
@@ -213,7 +221,8 @@ class DPQEmbedding(CompressedEmbedding):
         if not (self.training and torch.is_grad_enabled()):
             return c.reshape(*shape, self.embedding_dim)
         if ids.numel():
-            self._add_pending((c - q.detach()).pow(2).mean() + self.beta * (q - c.detach()).pow(2).mean())
+            per_lookup = (c - q.detach()).pow(2).mean((1, 2)) + self.beta * (q - c.detach()).pow(2).mean((1, 2))
+            self._add_pending(per_lookup.mean() if share is None else (per_lookup * share).sum())
         return (c + (q - q.detach())).reshape(*shape, self.embedding_dim)  # value: c exactly; gradient: q and c
 
     def _add_pending(self, term: torch.Tensor) -> None:

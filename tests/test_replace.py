@@ -30,7 +30,11 @@ RATIO = {"full.v1": 0.99}
 # Methods whose init scale is set by a handful of random numbers per table (QR's quotient table has ~5 rows for
 # 742 ids at 4x; a mixed-dim table of width d ~ 1-2 has a d x D random projection): init_std holds in
 # expectation, and one table's realised std can land 20-35% off. Checked over seeds instead of per table.
-FEW_SCALE_PARAMS = {"qr.v1", "mixed_dim.v1", "tt_rec.v1"}  # tt_rec: rows are products of three small cores
+FEW_SCALE_PARAMS = {"qr.v1", "mixed_dim.v1", "tt_rec.v1"}
+# Methods with a fixed codebook per table: 256 centroids x D=8 fp32 (8 KB) alone exceed the 4x budget of the zoo's
+# swapped tables (4,024 bytes for 503 x 8); at most 1.85x there (tests/test_dpq.py covers their budgets).
+CODEBOOK_METHODS = {name: "its 256-centroid codebook alone is over a small host table's 4x budget (at most 1.85x)"
+                    for name in ("dpq.v1", "mgqe.v1")}  # tt_rec: rows are products of three small cores
 
 
 def _methods() -> list:
@@ -40,6 +44,8 @@ def _methods() -> list:
             out.append(pytest.param(name, marks=pytest.mark.skip(
                 reason=f"{name} trains in stages (supernet, search, retrain) and meets its budget with the table "
                        f"it exports; replace_embeddings refuses it")))
+        elif name in CODEBOOK_METHODS:
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=CODEBOOK_METHODS[name])))
         else:
             out.append(name)
     return out
