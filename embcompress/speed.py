@@ -166,7 +166,7 @@ def _torchrec_model(kind: str, cards, dim: int, device: str, lr: float) -> _Torc
 def _served_table(table, budget: float) -> nn.Module:
     """What ``table`` serves: a staged table's export at the budget (its search is not run here), the export of
     one that serves another table (rows at a lower precision, codes and codebooks), or the table itself."""
-    if table.trains_in_stages:
+    if getattr(table, "registry_name", "") == "optembed.v1":  # its search would pick the rows; not run here
         return _export_at_budget(table, budget)
     return table.export() if table.serving_bytes() is not None else table
 
