@@ -330,7 +330,7 @@ class CompressedEmbedding(nn.Module):
         With a ``precision`` other than fp32 the served table is :meth:`export`'s: the stored bytes with every
         fp32 row table counted at its precision. Staged methods override it: OptEmbed's supernet serves its
         compact export."""
-        masters = [t for t in self._row_tables() if isinstance(t, torch.Tensor)]
+        masters = [t for t in self._row_tables().values() if isinstance(t, torch.Tensor)]
         if self.precision == "fp32" or not masters:
             return None
         stored = measure(self, 0).total_bytes
@@ -340,13 +340,14 @@ class CompressedEmbedding(nn.Module):
     # ---------------------------------------------------------------------------------------- row precision
     def served_precision(self, width: int) -> str:
         """The precision a row table of ``width`` numbers is served at: the table's ``precision``, unless storing
-        it so would not make it smaller (an int8 row of 2 numbers takes 2 codes + 8 bytes of scale and offset,
-        more than its 8 bytes of fp32): such a table stays fp32."""
+        it so would not make it smaller (an int8 row of 1 number takes 1 code + 4 bytes of scale and offset,
+        more than its 4 bytes of fp32): such a table stays fp32."""
         p = self.precision
         return p if p == "fp32" or row_bytes(width, p) < row_bytes(width, "fp32") else "fp32"
 
-    def _row_tables(self) -> list:
-        return [t for t in (getattr(self, name) for name in self.row_parameters) if t is not None]
+    def _row_tables(self) -> dict:
+        """``{attribute: table}`` of the row tables this table holds (an absent optional one left out)."""
+        return {name: t for name in self.row_parameters if (t := getattr(self, name)) is not None}
 
     def read_rows(self, table: "torch.Tensor | QuantizedRows", rows: torch.Tensor) -> torch.Tensor:
         """Rows ``[*rows.shape, width]`` of one of :attr:`row_parameters`, as the method's ``embed`` reads them.
@@ -373,7 +374,7 @@ class CompressedEmbedding(nn.Module):
         if not self.row_parameters and precision != "fp32":
             raise ValueError(f"{self._owner_name()}: has no row tables to store at precision={precision!r}; "
                              "it exports at fp32 only")
-        masters = {name: t for name in self.row_parameters if (t := getattr(self, name)) is not None}
+        masters = self._row_tables()
         # The fp32 masters are not copied (the memo maps them to None): only their quantized form is kept.
         served = copy.deepcopy(self, memo={id(t): None for t in masters.values()})
         served.precision = precision
