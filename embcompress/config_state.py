@@ -86,6 +86,9 @@ def recording_init(init: Callable) -> Callable:
         options["cardinalities"] = self.cardinalities[0] if self.single else list(self.cardinalities)
         options["embedding_dim"] = self.embedding_dim
         self._saved_options = options
+        after = getattr(self, "_after_init", None)
+        if after is not None:  # work the base class does once the whole table is built
+            after()
 
     return wrapped
 

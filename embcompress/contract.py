@@ -38,6 +38,7 @@ from torch import nn
 from .budget import BudgetError, BudgetKnob, check_budget, solve_budget
 from .config_state import FORMAT, check_saved_options, recording_init
 from .memory import MemoryReport, baseline_bytes, full_table_bytes, measure
+from .lowp import TRAINABLE_PRECISIONS, CapturesRowGradients, QuantizedRowOptimizer, TrainedRows
 from .quantize import QuantizedRows, check_precision, fake_quantize_rows, quantized_bytes, row_bytes
 from .specs import check_table_options
 from .validate import (
@@ -58,7 +59,7 @@ POOLING_MODES = ("sum", "mean")
 
 MAX_SEED = 2**31
 #: Options added after checkpoints were first saved, with the value every table had before them.
-LATE_OPTIONS = {"precision": "fp32"}
+LATE_OPTIONS = {"precision": "fp32", "train_quantized": False}
 
 
 def check_seed(seed, *, owner=None) -> int:
@@ -132,6 +133,9 @@ class CompressedEmbedding(nn.Module):
     row_parameters: ClassVar[tuple[str, ...]] = ()
     #: Precision the row tables are served at: ``fp32`` unless the method takes a ``precision`` option.
     precision: str = "fp32"
+    #: True when the row tables are also held at ``precision`` while training (:mod:`embcompress.lowp`): set by
+    #: the methods that take a ``train_quantized`` option.
+    train_quantized: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -349,6 +353,31 @@ class CompressedEmbedding(nn.Module):
         """``{attribute: table}`` of the row tables this table holds (an absent optional one left out)."""
         return {name: t for name in self.row_parameters if (t := getattr(self, name)) is not None}
 
+    def _after_init(self) -> None:
+        """With ``train_quantized``, replace each fp32 row table by :class:`~embcompress.lowp.TrainedRows` at the
+        table's precision (one that :meth:`served_precision` keeps fp32, being too narrow, stays a parameter)."""
+        if not self.train_quantized:
+            return
+        if self.precision not in TRAINABLE_PRECISIONS:
+            raise self._fail(f"train_quantized=True holds the rows at an integer precision while they train "
+                             f"({' or '.join(TRAINABLE_PRECISIONS)}), got precision={self.precision!r}")
+        for name, table in self._row_tables().items():
+            if isinstance(table, nn.Parameter) and self.served_precision(table.shape[1]) != "fp32":
+                del self._parameters[name]
+                setattr(self, name, TrainedRows(table.detach(), self.precision))
+
+    def trains_rows_itself(self) -> bool:
+        """True when rows of this table train outside autograd's parameters (``train_quantized``, ALPT): its
+        :meth:`row_optimizers` update them, in one process."""
+        return any(isinstance(m, CapturesRowGradients) for m in self.modules())
+
+    def row_optimizers(self, lr: float, *, seed: int = 0) -> list[torch.optim.Optimizer]:
+        """Optimizers of the rows this table trains itself (``train_quantized``: a
+        :class:`~embcompress.lowp.QuantizedRowOptimizer` at ``lr``); none by default. The training loop steps them
+        with the model's optimizers."""
+        stores = [t for t in self._row_tables().values() if isinstance(t, TrainedRows)]
+        return [QuantizedRowOptimizer(stores, lr=lr, seed=seed)] if stores else []
+
     def read_rows(self, table: "torch.Tensor | QuantizedRows", rows: torch.Tensor) -> torch.Tensor:
         """Rows ``[*rows.shape, width]`` of one of :attr:`row_parameters`, as the method's ``embed`` reads them.
 
@@ -379,15 +408,23 @@ class CompressedEmbedding(nn.Module):
         served = copy.deepcopy(self, memo={id(t): None for t in masters.values()})
         served.precision = precision
         for name, table in masters.items():
-            if isinstance(table, QuantizedRows):  # re-exporting an export: from the values it serves
-                table = table.dequantized()
             served._parameters.pop(name, None)
             served._modules.pop(name, None)
-            setattr(served, name, QuantizedRows(table.detach(), served.served_precision(table.shape[1])))
+            at = served.served_precision(table.shape[1])
+            if isinstance(table, QuantizedRows) and table.precision == at:  # its codes, as they are
+                setattr(served, name, QuantizedRows.from_stored(
+                    tuple(getattr(table, n).detach().clone() for n in table._names), at, table.width))
+                continue
+            if isinstance(table, QuantizedRows):  # another precision: from the values it serves
+                table = table.dequantized()
+            setattr(served, name, QuantizedRows(table.detach(), at))
         for p in served.parameters():
             p.requires_grad_(False)
         if "precision" in served._saved_options:
             served._saved_options = {**served._saved_options, "precision": precision}
+        if "train_quantized" in served._saved_options:  # the export is frozen: its rows no longer train
+            served._saved_options = {**served._saved_options, "train_quantized": False}
+            served.train_quantized = False
         return served.eval()
 
     @classmethod

@@ -154,6 +154,11 @@ class DistContext(LocalContext):
     @classmethod
     def wrap(cls, model: nn.Module, device: str) -> DistContext:
         rank, size = world()
+        own = [type(t).registry_name for t in model.modules()
+               if isinstance(t, CompressedEmbedding) and t.trains_rows_itself()]
+        if own:  # their captured row gradients are not averaged over the ranks
+            raise ValueError(f"{own[0]}: its rows train at low precision (train_quantized=True, or ALPT) in one "
+                             "process; train it without a process group")
         # DDP expects sparse gradients only from nn.Embedding(sparse=True) modules; a table's own sparse
         # gradients would be copied into a dense bucket and fail. DDP ignores those parameters and
         # sync_sparse_grads averages them by all-gathering their (indices, values), which gloo and nccl both do.

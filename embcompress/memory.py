@@ -16,6 +16,7 @@ The baseline is the uncompressed fp32 table, ``sum(n_f) * D * 4`` bytes, and the
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections import Counter
 from dataclasses import dataclass, field
@@ -142,5 +143,7 @@ def measure(module: nn.Module, baseline: int, *, optimizers: Iterable[torch.opti
     """
     return MemoryReport(
         parameters=_by_dtype(module.parameters()), buffers=_by_dtype(module.buffers()), baseline_bytes=baseline,
-        optimizer_state=optimizer_state_bytes(optimizers, module.parameters()), serving=serving,
+        # Buffers too: rows held quantized are buffers, their optimizer's state keyed by them (embcompress.lowp).
+        optimizer_state=optimizer_state_bytes(optimizers, itertools.chain(module.parameters(), module.buffers())),
+        serving=serving,
     )

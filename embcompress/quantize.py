@@ -172,10 +172,23 @@ class QuantizedRows(nn.Module):
         stored = tuple(getattr(self, n).index_select(0, flat) for n in self._names)
         return dequantize_rows(stored, self.precision, self.width).view(*idx.shape, self.width)
 
+    @classmethod
+    def from_stored(cls, stored: tuple[torch.Tensor, ...], precision: str, width: int) -> "QuantizedRows":
+        """A table holding :func:`quantize_rows`' tensors ``stored`` as they are (codes kept, not re-made)."""
+        first = stored[0]
+        rows = cls(first.new_zeros((first.shape[0], width), dtype=torch.float32), precision)
+        for name, tensor in zip(rows._names, stored):
+            if rows._buffers[name].shape != tensor.shape:
+                raise ValueError(f"QuantizedRows: stored {name} has shape {list(tensor.shape)}, expected "
+                                 f"{list(rows._buffers[name].shape)}")
+            rows._buffers[name] = tensor
+        return rows
+
+    @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
         """Every row as fp32, ``[rows, width]``."""
         first = getattr(self, self._names[0])
-        return self.lookup(torch.arange(self.num_rows, device=first.device))
+        return QuantizedRows.lookup(self, torch.arange(self.num_rows, device=first.device))
 
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -56,7 +56,8 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     model = build_model(run.model.spec, table, data.num_dense)
     dense_parameters = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in table.parameters())
     training = {k: v for k, v in (trial or {}).items() if k not in TABLE_TUNABLE}
-    cfg = TrainConfig(**{**suite.train, **training, "seed": run.seed, "device": device, "progress": progress})
+    cfg = TrainConfig(**{**suite.train, **run.method.train, **training, "seed": run.seed, "device": device,
+                         "progress": progress})
     staged = {}
     start = time.perf_counter()
     if getattr(table, "trains_in_stages", False):
@@ -92,6 +93,8 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
 def _master_precision_auc(model, table: CompressedEmbedding, data: CTRData, cfg: TrainConfig) -> dict:
     """For a table served at a lower ``precision`` (its test AUC is the served one): the test AUC of its fp32
     masters too, so the report can say what the precision cost."""
+    if table.train_quantized:  # no fp32 masters to score: the rows trained at the precision
+        return {"precision": table.precision, "train_quantized": True}
     if table.precision == "fp32" or table.serving_bytes() is None:
         return {}
     precision = table.precision
@@ -108,6 +111,8 @@ def _run_fields(suite: Suite, run: Run) -> dict:
               "target_ratio": run.ratio, "seed": run.seed}
     if run.method.schedule:
         fields["schedule"] = run.method.schedule
+    if run.method.train:
+        fields["method_train"] = run.method.train
     return fields
 
 
@@ -126,7 +131,8 @@ def run_key(suite: Suite, run: Run) -> str:
     A staged method's schedule is hashed inside its table mapping, where those settings were written before they
     became a schedule, so results of earlier runs keep their keys."""
     config = {
-        "data": _key_data(suite), "embedding_dim": suite.embedding_dim, "model": run.model.spec, "train": suite.train,
+        "data": _key_data(suite), "embedding_dim": suite.embedding_dim, "model": run.model.spec,
+        "train": {**suite.train, **run.method.train},  # the suite's alone without a method's own: keys unchanged
         "method": run.method.name, "table": {**run.method.table, **run.method.schedule}, "ratio": run.ratio,
         "seed": run.seed,
     }
@@ -140,7 +146,7 @@ def trial_key(suite: Suite, run: Run, trial: dict[str, Any]) -> str:
     moves a fixed setting into the grid at the same value) reuses the trials it already has."""
     config = {
         "data": _key_data(suite), "embedding_dim": suite.embedding_dim, "model": run.model.spec,
-        "train": {**suite.train, **{k: v for k, v in trial.items() if k not in TABLE_TUNABLE}},
+        "train": {**suite.train, **run.method.train, **{k: v for k, v in trial.items() if k not in TABLE_TUNABLE}},
         "method": run.method.name,
         "table": {**run.method.table, **run.method.schedule,
                   **{k: v for k, v in trial.items() if k in TABLE_TUNABLE}},

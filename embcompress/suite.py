@@ -46,7 +46,7 @@ TUNABLE = (
 )
 # Table options every table takes (the contract's), so a grid over them treats every method alike.
 TABLE_TUNABLE = ("init_std",)
-_METHOD_KEYS = ("name", "table", "compression", "schedule")
+_METHOD_KEYS = ("name", "table", "compression", "schedule", "train")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class MethodSpec:
     compression: tuple[float, ...] = ()  # empty: built as given, without a budget
     #: the staged training settings of a method that trains in stages, as written (its ``schedule_type`` reads it)
     schedule: dict[str, Any] = field(default_factory=dict)
+    #: training settings of this method's runs over the suite's ``train`` (a learning rate of its own)
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -260,11 +262,16 @@ def load_suite(path: str | os.PathLike, *, data_path: str | os.PathLike | None =
             if not isinstance(schedule, dict):
                 raise SpecError(f"{mwhere}.schedule: expected a mapping of staged-training settings, got {schedule!r}")
             schedule_type.from_dict(schedule, f"{mwhere}.schedule")
+        method_train = check_train(m.get("train"), f"{mwhere}:") if "train" in m else {}
+        try:
+            TrainConfig(**{**train_opts, **method_train})
+        except (TypeError, ValueError) as err:
+            raise SpecError(f"{mwhere}: train over the suite's train: {err}") from None
         methods.append(MethodSpec(name=str(m.get("name", table["type"])), table=table, compression=ratios,
-                                  schedule=dict(schedule)))
+                                  schedule=dict(schedule), train=method_train))
     check_unique_names([m.name for m in methods], "methods", where)
     for i, m in enumerate(methods):
-        fixed = sorted(k for k, _ in tune if k in m.table)
+        fixed = sorted(k for k, _ in tune if k in m.table or k in m.train)
         if fixed:
             raise SpecError(f"{where}: methods[{i}] ({m.name}) sets {fixed}, which the tuning grid searches")
     suite = Suite(

@@ -17,6 +17,7 @@ over whole splits by :func:`embcompress.evaluation.evaluate_sharded` (gathered o
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     tables = tables_of(model)
     sgd_groups = [g for t in tables for g in t.sgd_parameter_groups()]
     own_ids = {id(p) for g in sgd_groups for p in g["params"]}
-    sparse = [p for t in tables for p in t.sparse_parameters() if p.requires_grad and id(p) not in own_ids]
+    # A row table held quantized (train_quantized) is no parameter: its own optimizer trains it (row_optimizers).
+    sparse = [p for t in tables for p in t.sparse_parameters()
+              if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in own_ids]
     table_params = {id(p) for t in tables for p in t.parameters()}
     sparse_ids = {id(p) for p in sparse} | own_ids
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
@@ -123,8 +126,10 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
         {"params": table_dense, "lr": emb_lr, "weight_decay": cfg.embedding_weight_decay},
     ]
     groups = [g for g in groups if g["params"]]
-    # Parameters a table asks to update with plain SGD at their own rate (OptEmbed's thresholds).
+    # Parameters a table asks to update with plain SGD at their own rate (OptEmbed's thresholds), and rows it
+    # trains itself.
     own = [torch.optim.SGD(sgd_groups)] if sgd_groups else []
+    own += [opt for t in tables for opt in t.row_optimizers(emb_lr, seed=cfg.seed)]
     if cfg.optimizer == "adam":
         opts: list[torch.optim.Optimizer] = [torch.optim.Adam(groups)] if groups else []
         if sparse:
@@ -283,5 +288,5 @@ def _train(model: nn.Module, data: CTRData, cfg: TrainConfig, output_l2: "_Outpu
 def table_optimizer_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
     """Bytes of the state ``optimizers`` hold for the parameters of ``model``'s tables (:func:`tables_of`; a
     parameter two tables share is counted once)."""
-    params = {id(p): p for t in tables_of(model) for p in t.parameters()}
-    return sum(optimizer_state_bytes(optimizers, params.values()).values())
+    held = {id(p): p for t in tables_of(model) for p in itertools.chain(t.parameters(), t.buffers())}
+    return sum(optimizer_state_bytes(optimizers, held.values()).values())

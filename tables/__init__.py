@@ -13,6 +13,7 @@ from .tt_rec import TTRecEmbedding
 from .robe import RobeEmbedding
 from .dpq import DPQEmbedding, DPQExport
 from .mgqe import MGQEEmbedding
+from .alpt import ALPTEmbedding
 
 __all__ = [
     "FullEmbedding", "HashingEmbedding", "HashingEmbeddingV2", "UnifiedEmbedding", "UnifiedEmbeddingV2",
@@ -22,4 +23,5 @@ __all__ = [
     "RobeEmbedding",
     "CCEEmbedding",
     "DPQEmbedding", "DPQExport", "MGQEEmbedding",
+    "ALPTEmbedding",
 ]

@@ -26,7 +26,9 @@ class FullEmbedding(CompressedEmbedding):
     Shapes: ``LongTensor[B, F] -> FloatTensor[B, F, D]``; ids of field ``f`` must lie in ``[0, n_f)``.
     Rows start ``N(0, init_std**2)`` (``None``: the library default, see :func:`embcompress.contract.default_init_std`).
     ``precision`` (fp32, fp16, bf16, int8, int4) is the precision the rows are served at: trained in fp32, returned
-    at that precision in eval mode and by :meth:`export`, and counted so (int8 at D=16: 24 bytes a row).
+    at that precision in eval mode and by :meth:`export`, and counted so (int8 at D=16: 20 bytes a row).
+    ``train_quantized`` holds the rows at that precision (int8 or int4) while training too, updated by row-wise
+    Adagrad with stochastic rounding (:mod:`embcompress.lowp`); no fp32 master is kept.
 
     >>> import torch
     >>> t = FullEmbedding([10, 3], 4, sparse=True)
@@ -41,11 +43,13 @@ class FullEmbedding(CompressedEmbedding):
     def __init__(
         self, cardinalities: int | Sequence[int], embedding_dim: int, *, sparse: bool = False,
         precision: str = "fp32",
+        train_quantized: bool = False,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
+        self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
         self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.weight = nn.Parameter(init_rows_(torch.empty(sum(self.cardinalities), embedding_dim), self.init_std))
         offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]

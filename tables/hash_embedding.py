@@ -70,6 +70,8 @@ class HashEmbedding(CompressedEmbedding):
         precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
             int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
             and counted so in serving bytes and budgets.
+        train_quantized: hold the rows at ``precision`` (int8 or int4) while training too, updated by
+            row-wise Adagrad with stochastic rounding (:mod:`embcompress.lowp`); no fp32 master is kept.
         init_std: std of the returned vectors at initialisation (``None``: the library default).
 
     >>> import torch
@@ -98,6 +100,7 @@ class HashEmbedding(CompressedEmbedding):
         seed: int = 0,
         sparse: bool = False,
         precision: str = "fp32",
+        train_quantized: bool = False,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -108,6 +111,7 @@ class HashEmbedding(CompressedEmbedding):
         self.append_weights = append_weights = check_bool("append_weights", append_weights, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
+        self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
         if append_weights and not weights:
             raise self._fail("append_weights=True needs weights=True: there are no importance weights to append")
         seed = check_seed(seed, owner=self)

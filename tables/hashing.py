@@ -63,6 +63,8 @@ class HashingEmbedding(CompressedEmbedding):
         precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
             int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
             and counted so in serving bytes and budgets.
+        train_quantized: hold the rows at ``precision`` (int8 or int4) while training too, updated by
+            row-wise Adagrad with stochastic rounding (:mod:`embcompress.lowp`); no fp32 master is kept.
         init_std: std of the returned vectors at initialisation (double-hashed rows start at ``init_std /
             sqrt(2)`` so their sums match); ``None``: the library default.
 
@@ -96,6 +98,7 @@ class HashingEmbedding(CompressedEmbedding):
         seed: int = 0,
         sparse: bool = False,
         precision: str = "fp32",
+        train_quantized: bool = False,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -104,6 +107,7 @@ class HashingEmbedding(CompressedEmbedding):
         self.shared = check_bool("shared", shared, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
+        self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
         hash_small_fields = check_bool("hash_small_fields", hash_small_fields, owner=self)
         self.frequent = check_int("frequent", frequent, lo=0, owner=self)  # dedicated rows per field
         if self.frequent and self.shared:

@@ -152,6 +152,8 @@ class QREmbedding(CompressedEmbedding):
         precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
             int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
             and counted so in serving bytes and budgets.
+        train_quantized: hold the rows at ``precision`` (int8 or int4) while training too, updated by
+            row-wise Adagrad with stochastic rounding (:mod:`embcompress.lowp`); no fp32 master is kept.
         init_std: std of the composed vectors at initialisation (``None``: the library default); the sub-table
             rows start at the scale that gives it (see the comment in ``__init__``).
 
@@ -177,6 +179,7 @@ class QREmbedding(CompressedEmbedding):
         threshold: int = 200,
         sparse: bool = False,
         precision: str = "fp32",
+        train_quantized: bool = False,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -187,6 +190,7 @@ class QREmbedding(CompressedEmbedding):
         self.scheme, self.partitions, self.operation = scheme, k, operation
         self.threshold, self.sparse = int(threshold), check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
+        self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
         dims = sub_dims(embedding_dim, k, operation)
         wide = embedding_dim % k if operation == "concat" else 0  # partitions 0..wide-1 live in weight_wide
         self.num_wide = wide

@@ -55,6 +55,8 @@ class UnifiedEmbedding(CompressedEmbedding):
         precision: the precision its row tables are served at (:mod:`embcompress.quantize`: fp32, fp16, bf16,
             int8, int4): trained in fp32, returned at that precision in eval mode and by :meth:`export`,
             and counted so in serving bytes and budgets.
+        train_quantized: hold the rows at ``precision`` (int8 or int4) while training too, updated by
+            row-wise Adagrad with stochastic rounding (:mod:`embcompress.lowp`); no fp32 master is kept.
         init_std: std of the returned vectors at initialisation (``None``: the library default).
 
     >>> import torch
@@ -82,6 +84,7 @@ class UnifiedEmbedding(CompressedEmbedding):
         seed: int = 0,
         sparse: bool = False,
         precision: str = "fp32",
+        train_quantized: bool = False,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -102,6 +105,7 @@ class UnifiedEmbedding(CompressedEmbedding):
         seed = check_seed(seed, owner=self)
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
+        self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
         self.chunk_dim = self.embedding_dim // self.chunks
         # Chunks are entries of the output, so each starts at init_std itself.
         self.weight = nn.Parameter(init_rows_(torch.empty(self.num_tables * self.num_buckets, self.chunk_dim),

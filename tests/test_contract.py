@@ -29,6 +29,7 @@ from embcompress.tables.tt_rec import TTRecEmbedding
 from embcompress.tables.cce import CCEEmbedding
 from embcompress.tables.dpq import DPQEmbedding
 from embcompress.tables.mgqe import MGQEEmbedding
+from embcompress.tables.alpt import ALPTEmbedding
 
 from .conftest import CARDS, DIM, assert_bytes, make_table
 
@@ -105,6 +106,8 @@ HAND_COUNTS = {
         lambda: MGQEEmbedding([10, 3, 7], 4, parts=2, codebook_size=5, tail_codebook_size=2, frequent_fraction=0.5),
         20 * 4 * 4 + 2 * 5 * 2 * 4 + 3 * 8 + 3 * 8,
     ),
+    # 20 rows x D=4 int4 codes, two a byte = 2 uint8 each; an fp32 step size per row; int64 offsets [3]
+    "alpt.v1": (lambda: ALPTEmbedding([10, 3, 7], 4, bits=4), 20 * 2 + 20 * 4 + 3 * 8),
 }
 
 # Serving bytes, where a table serves something other than what it stores (every other table serves itself):
@@ -119,7 +122,7 @@ HAND_SERVING_COUNTS = {
 
 # Methods whose sizes move in steps coarser than 5% (DPQ's codes: parts divide D, each step doubles the code
 # bytes): a budget buys the largest step within it, checked in place of landing within 5% under.
-COARSE_BUDGET_STEPS = {"dpq.v1": "parts divide D", "mgqe.v1": "parts divide D"}
+COARSE_BUDGET_STEPS = {"dpq.v1": "parts divide D", "mgqe.v1": "parts divide D", "alpt.v1": "bits are 2, 4 or 8"}
 
 
 def test_every_table_has_a_hand_count():
