@@ -521,3 +521,32 @@ def test_methods_seeds_suite_repeats_runs_of_the_methods_suite():
     keys = {run_key(methods, r) for r in methods.runs()}
     repeated = [r for r in seeds.runs() if r.seed == 0]
     assert repeated and all(run_key(seeds, r) in keys for r in repeated)
+
+
+def test_a_method_trains_with_its_own_settings(tmp_path, monkeypatch):
+    """``methods[i].train`` overrides the suite's settings for that method's runs, is part of their keys only
+    when given (other runs keep theirs), and is checked at load like the suite's."""
+    from embcompress import runner
+    from embcompress.runner import run_key
+    from embcompress.synthetic import SyntheticConfig, make_synthetic
+
+    own = {**TINY, "methods": [TINY["methods"][0], {**TINY["methods"][1], "train": {"embedding_lr": 0.1}}]}
+    plain = load_suite(write(tmp_path, TINY))
+    (tmp_path / "own").mkdir()
+    tuned = load_suite(write(tmp_path / "own", own))
+    assert tuned.methods[1].train == {"embedding_lr": 0.1} and tuned.methods[0].train == {}
+    keys = [run_key(plain, r) for r in plain.runs()], [run_key(tuned, r) for r in tuned.runs()]
+    assert keys[0][0] == keys[1][0] and not set(keys[0][1:]) & set(keys[1][1:])
+    seen = []
+    monkeypatch.setattr(runner, "train", lambda model, data, cfg: seen.append(cfg) or (_ for _ in ()).throw(
+        RuntimeError("stop")))
+    with pytest.raises(RuntimeError):
+        runner.run_one(tuned, make_synthetic(SyntheticConfig(rows=2000, cardinality_exponent=0.25)),
+                       tuned.runs()[1], device="cpu", progress=False)
+    assert seen[0].embedding_lr == 0.1 and seen[0].lr == 0.01
+    bad = {**TINY, "methods": [{**TINY["methods"][1], "train": {"embeding_lr": 0.1}}]}
+    with pytest.raises(SpecError, match=r"methods\[0\].*embeding_lr"):
+        load_suite(write(tmp_path, bad))
+    bad = {**TINY, "methods": [{**TINY["methods"][1], "train": {"seed": 3}}]}
+    with pytest.raises(SpecError, match=r"methods\[0\].*seed"):
+        load_suite(write(tmp_path, bad))
