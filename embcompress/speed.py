@@ -263,6 +263,8 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
                 model = _torchrec_model(m.table["type"], cards, dim, device, TrainConfig().lr)
             else:
                 table = build_table(dict(m.table, **({"budget_bytes": budget} if budget else {})), cards, dim)
+                if getattr(table, "registry_name", "") == "dedup.v1":  # timed as it fine-tunes and serves
+                    table.dedup_()
                 model = _Head(table, len(cards) * dim).to(device)
             train_speed = _time_training(model, ids, suite, device, m.optimizer)
             if torchrec_kind:

@@ -14,6 +14,7 @@ from .robe import RobeEmbedding
 from .dpq import DPQEmbedding, DPQExport
 from .mgqe import MGQEEmbedding
 from .alpt import ALPTEmbedding
+from .dedup import DedupEmbedding, DedupExport
 
 __all__ = [
     "FullEmbedding", "HashingEmbedding", "HashingEmbeddingV2", "UnifiedEmbedding", "UnifiedEmbeddingV2",
@@ -24,4 +25,5 @@ __all__ = [
     "CCEEmbedding",
     "DPQEmbedding", "DPQExport", "MGQEEmbedding",
     "ALPTEmbedding",
+    "DedupEmbedding", "DedupExport",
 ]

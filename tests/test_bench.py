@@ -416,10 +416,10 @@ def test_synthetic_full_covers_every_method_model_budget_and_seed():
     family = {name.rsplit(".", 1)[0] for name in list_tables()}
     assert {m.table["type"].rsplit(".", 1)[0] for m in suite.methods} >= family, "add the new method to synthetic_full"
     # the full table served at a precision has one size (fp16 2x, int8 2.67x, int4 5.33x): one budget each
-    one_size = {"full-fp16": (2,), "full-int8": (2,), "full-int4": (4,)}
+    one_size = {"full-fp16": (1.99,), "full-int8": (2,), "full-int4": (4,), "full-int8-trained": (2,)}
     assert all(m.compression == one_size.get(m.name, (2, 4, 16, 64, 256, 1000)) for m in suite.methods
                if m.name != "full")
-    assert len(suite.runs()) == 2 * 3 * (1 + 23 * 6 + 3)
+    assert len(suite.runs()) == 2 * 3 * (1 + 26 * 6 + 4)
 
 
 # ------------------------------------------------------------------------------------------------ tuning

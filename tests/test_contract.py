@@ -29,6 +29,7 @@ from embcompress.tables.tt_rec import TTRecEmbedding
 from embcompress.tables.cce import CCEEmbedding
 from embcompress.tables.dpq import DPQEmbedding
 from embcompress.tables.mgqe import MGQEEmbedding
+from embcompress.tables.dedup import DedupEmbedding
 from embcompress.tables.alpt import ALPTEmbedding
 
 from .conftest import CARDS, DIM, assert_bytes, make_table
@@ -108,6 +109,8 @@ HAND_COUNTS = {
     ),
     # 20 rows x D=4 int4 codes, two a byte = 2 uint8 each; an fp32 step size per row; int64 offsets [3]
     "alpt.v1": (lambda: ALPTEmbedding([10, 3, 7], 4, bits=4), 20 * 2 + 20 * 4 + 3 * 8),
+    # before deduplication it stores the full table: 20 rows x D=4 fp32, int64 offsets [3], an empty remap
+    "dedup.v1": (lambda: DedupEmbedding([10, 3, 7], 4, kept_blocks=2, block_rows=4), 20 * 4 * 4 + 3 * 8),
 }
 
 # Serving bytes, where a table serves something other than what it stores (every other table serves itself):
@@ -118,6 +121,8 @@ HAND_SERVING_COUNTS = {
     # the export: 20 ids x p=2 uint8 codes (K=5 <= 256), the fp32 codebook 2 x 5 x 2, int64 offsets [3]
     "dpq.v1": 20 * 2 * 1 + 2 * 5 * 2 * 4 + 3 * 8,
     "mgqe.v1": 20 * 2 * 1 + 2 * 5 * 2 * 4 + 3 * 8,  # the same export (no frequent-id counts: codes say it all)
+    # the planned export: 2 kept blocks x 4 rows x D=4 fp32, a uint8 remap of ceil(20 / 4) = 5 blocks, offsets [3]
+    "dedup.v1": 2 * 4 * 4 * 4 + 5 * 1 + 3 * 8,
 }
 
 # Methods whose sizes move in steps coarser than 5% (DPQ's codes: parts divide D, each step doubles the code

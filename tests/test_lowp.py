@@ -179,7 +179,7 @@ def test_optimizer_state_round_trips():
 
 def test_a_process_group_is_refused():
     from embcompress.distributed import DistContext
-    with pytest.raises(ValueError, match="trains in one process"):
+    with pytest.raises(ValueError, match="in one process"):
         DistContext.wrap(_table("full.v1"), "cpu")
 
 

@@ -54,7 +54,8 @@ BAD = {
 }
 # A valid value for required options and for options whose default is None, by option name.
 VALUES = {"num_buckets": 64, "scale": 4.0, "init_std": 0.1, "budget_bytes": 10**6, "retrain_epochs": 2,
-          "low_rank": 4, "size": 64, "block_size": 4}
+          "low_rank": 4, "size": 64, "block_size": 4,
+          "kept_blocks": 16}  # dedup.v1's budget key (default None: every block)
 PROVIDED = {"cardinalities", "embedding_dim", "embeddings", "num_dense", "self"}
 
 
