@@ -154,7 +154,7 @@ class DistContext(LocalContext):
     @classmethod
     def wrap(cls, model: nn.Module, device: str) -> DistContext:
         rank, size = world()
-        own = [type(t).registry_name for t in model.modules()
+        own = [t._owner_name() for t in model.modules()
                if isinstance(t, CompressedEmbedding) and t.trains_rows_itself()]
         if own:  # their captured row gradients are not averaged over the ranks
             raise ValueError(f"{own[0]}: its rows train at low precision (train_quantized=True, or ALPT) in one "

@@ -282,6 +282,9 @@ class FrequencyRanked(CompressedEmbedding):
     def sgd_parameter_groups(self) -> list[dict]:
         return self.inner.sgd_parameter_groups()
 
+    def row_optimizers(self, lr: float, *, seed: int = 0) -> list[torch.optim.Optimizer]:
+        return self.inner.row_optimizers(lr, seed=seed)
+
     def regularization_loss(self) -> torch.Tensor | None:
         return self.inner.regularization_loss()
 

@@ -36,6 +36,7 @@ Such tables train in one process: the captured gradients are not averaged over a
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -48,6 +49,7 @@ __all__ = ["TRAINABLE_PRECISIONS", "CapturesRowGradients", "TrainedRows", "Quant
 #: Precisions rows can train at: integer ones, where stochastic rounding is the write-back.
 TRAINABLE_PRECISIONS = ("int8", "int4")
 RULES = ("rowwise_adagrad", "sgd")
+_UNSTEPPED = 1000  # backward passes captured without a step before a warning
 
 
 class CapturesRowGradients:
@@ -63,8 +65,16 @@ class CapturesRowGradients:
             return out
         flat = idx.reshape(-1)
         out = out.detach().requires_grad_()
-        out.register_hook(lambda g: self._captured.append((flat, g.reshape(-1, self.width))))
+        out.register_hook(lambda g: self._keep(flat, g))
         return out
+
+    def _keep(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        self._captured.append((flat, grad.reshape(-1, self.width)))
+        if len(self._captured) == _UNSTEPPED:  # a loop that never steps the table's own optimizer
+            warnings.warn(f"{type(self).__name__}: gradients of {_UNSTEPPED} backward passes are held with no "
+                          "optimizer step: these rows train only through the table's row_optimizers() (which "
+                          "embcompress.training.make_optimizers includes); step them, or they never change",
+                          RuntimeWarning, stacklevel=2)
 
     def captured_lookups(self) -> int:
         return sum(i.numel() for i, _ in self._captured)

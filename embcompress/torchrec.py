@@ -54,6 +54,7 @@ from torchrec.datasets.utils import Batch as TorchrecBatch
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
 from .contract import CompressedEmbedding
+from .quantize import QuantizedRows
 from .data import Batch
 from .registry import build_table
 
@@ -303,10 +304,12 @@ def quantized_collection(table: CompressedEmbedding, precision: str, *, row_alig
         raise ValueError(f"quantized_collection: precision must be one of {list(_QUANT_DTYPES)}, got {precision!r}")
     configs = configs_for(table.cardinalities, table.embedding_dim, table.field_names)
     ebc = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+    # Rows held quantized (train_quantized, an export) are read as the values they hold.
+    weight = table.weight.dequantized() if isinstance(table.weight, QuantizedRows) else table.weight
     with torch.no_grad():
         for f, config in enumerate(configs):
             start = int(table.offsets[f])
-            rows = table.weight[start:start + table.cardinalities[f]].detach().float().cpu()
+            rows = weight[start:start + table.cardinalities[f]].detach().float().cpu()
             ebc.embedding_bags[config.name].weight.copy_(rows)
 
     class _Parent(torch.nn.Module):

@@ -115,6 +115,9 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
     table_dense = [p for t in tables for p in t.parameters() if p.requires_grad and id(p) not in sparse_ids]
     emb_lr = cfg.embedding_lr or cfg.lr
+    if cfg.embedding_weight_decay and any(t.trains_rows_itself() for t in tables):
+        raise ValueError(f"embedding_weight_decay={cfg.embedding_weight_decay}: rows held at low precision "
+                         "(train_quantized, ALPT) are updated by the table's own optimizer, which has no weight decay")
     if sparse and cfg.embedding_weight_decay:
         raise ValueError(
             f"embedding_weight_decay={cfg.embedding_weight_decay} needs dense table gradients: {cfg.optimizer}'s "

@@ -15,13 +15,18 @@ sizes (one per row, or one per field) and the optimizer's per-row sums, so the t
    invariant to the gradient's scale, so the step moves by about ``step_lr * delta_0`` at first, whatever ``b``);
 3. ``w`` is written back as codes at the new step size with **stochastic rounding**, unbiased.
 
+With a step per field, a step-size update rescales every row of the field, the ones the batch did not read too:
+there is no fp32 copy to re-encode them from, as in the paper. ``B`` is the number of lookups over the number of
+fields, the batch size for one-hot input (for bags it counts values).
+
 One departure, for cost: the paper and the VLDB 2024 benchmark's reference compute the step-size gradient in a
 second forward and backward pass through the model at the updated rows; here it uses the first pass's output
 gradient ``g`` at those rows (a first-order approximation of the same quantity, exact as ``lr -> 0``), so a step
 costs one forward and one backward like every other table.
 
 Bytes, exactly (``N = sum(n_f)`` rows, ``D`` wide): codes ``N * ceil(D * b / 8)`` (uint8, ``8 / b`` codes a byte),
-step sizes ``4 N`` (per row) or ``4 F`` (per field), plus the int64 field offsets. Served as stored; training adds
+step sizes ``4 N`` (per row) or ``4 F`` (per field, with the rows' int64 field starts, ``8 F``), plus the int64
+field offsets. Served as stored; training adds
 the row-wise Adagrad sums (``4 N``) and the step sizes' Adagrad sums (``4 N`` or ``4 F``). At ``D = 16`` per row:
 int8 20 bytes (3.2x), int4 12 (5.3x), int2 8 (8x): ``bits`` is the budget knob, and budgets past 8x raise
 ``BudgetError``.

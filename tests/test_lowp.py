@@ -189,3 +189,43 @@ def test_budget_counts_the_quantized_rows():
                     CARDS, D)
     assert t.memory_report().total_bytes <= base // 8
     assert t.weight.num_rows * row_bytes(D, "int8") > base // 8 * 0.85
+
+
+def test_a_frequency_ranked_wrapper_trains_its_quantized_rows():
+    from embcompress.frequency import FrequencyRanked
+
+    inner = _table("hashing.v1")
+    t = FrequencyRanked(inner, [torch.arange(n) for n in CARDS])
+    opts = make_optimizers(t, TrainConfig(lr=0.05))
+    assert any(isinstance(o, QuantizedRowOptimizer) for o in opts)
+    before = inner.weight.codes.clone()
+    t(torch.tensor([[1, 2, 3]])).sum().backward()
+    for o in opts:
+        o.step()
+    assert not torch.equal(inner.weight.codes, before) and not inner.weight._captured
+    from embcompress.distributed import DistContext
+    with pytest.raises(ValueError, match="in one process"):
+        DistContext.wrap(t, "cpu")
+
+
+def test_a_loop_that_never_steps_the_rows_is_warned():
+    rows = TrainedRows(torch.randn(5, 4), "int8")
+    with pytest.warns(RuntimeWarning, match="row_optimizers"):
+        for _ in range(1000):
+            rows.lookup(torch.tensor([1])).sum().backward()
+
+
+def test_weight_decay_on_quantized_rows_is_refused():
+    with pytest.raises(ValueError, match="embedding_weight_decay"):
+        make_optimizers(_table("full.v1"), TrainConfig(embedding_weight_decay=0.1))
+
+
+def test_torchrec_collection_of_a_table_trained_quantized():
+    pytest.importorskip("torchrec", reason="torchrec is not installed")
+    from embcompress.torchrec import ids_to_kjt, quantized_collection
+
+    t = _table("full.v1").set_field_names(["a", "b", "c"]).eval()
+    served = quantized_collection(t, "fp16")
+    ids = torch.tensor([[5, 6, 1]])
+    out = served(ids_to_kjt(ids, ["a", "b", "c"])).values().view(1, 3, D)
+    torch.testing.assert_close(out, t(ids), atol=2e-3, rtol=0)
