@@ -129,7 +129,8 @@ class CompressedEmbedding(nn.Module):
     #: the hash seeds it derives are buffers, and loading replaces them.
     checkpoint_ignores: ClassVar[tuple[str, ...]] = ("init_std", "sparse", "seed")
     #: Attributes holding the method's ``[rows, width]`` row tables, the ones a ``precision`` option stores in fewer
-    #: bits (see :mod:`embcompress.quantize`); empty for methods without row tables (an MLP, tensor cores).
+    #: bits (see :mod:`embcompress.quantize`); empty for methods without row tables (an MLP, tensor cores). A
+    #: dotted name is an entry of a list (``weights.0``).
     row_parameters: ClassVar[tuple[str, ...]] = ()
     #: Precision the row tables are served at: ``fp32`` unless the method takes a ``precision`` option.
     precision: str = "fp32"
@@ -351,7 +352,7 @@ class CompressedEmbedding(nn.Module):
 
     def _row_tables(self) -> dict:
         """``{attribute: table}`` of the row tables this table holds (an absent optional one left out)."""
-        return {name: t for name in self.row_parameters if (t := getattr(self, name)) is not None}
+        return {name: t for name in self.row_parameters if (t := getattr(*_holder(self, name))) is not None}
 
     def _after_init(self) -> None:
         """With ``train_quantized``, replace each fp32 row table by :class:`~embcompress.lowp.TrainedRows` at the
@@ -363,8 +364,9 @@ class CompressedEmbedding(nn.Module):
                              f"({' or '.join(TRAINABLE_PRECISIONS)}), got precision={self.precision!r}")
         for name, table in self._row_tables().items():
             if isinstance(table, nn.Parameter) and self.served_precision(table.shape[1]) != "fp32":
-                del self._parameters[name]
-                setattr(self, name, TrainedRows(table.detach(), self.precision))
+                parent, leaf = _holder(self, name)
+                del parent._parameters[leaf]
+                setattr(parent, leaf, TrainedRows(table.detach(), self.precision))
 
     def trains_rows_itself(self) -> bool:
         """True when rows of this table train outside autograd's parameters (``train_quantized``, ALPT): its
@@ -408,16 +410,17 @@ class CompressedEmbedding(nn.Module):
         served = copy.deepcopy(self, memo={id(t): None for t in masters.values()})
         served.precision = precision
         for name, table in masters.items():
-            served._parameters.pop(name, None)
-            served._modules.pop(name, None)
+            parent, leaf = _holder(served, name)
+            parent._parameters.pop(leaf, None)
+            parent._modules.pop(leaf, None)
             at = served.served_precision(table.shape[1])
             if isinstance(table, QuantizedRows) and table.precision == at:  # its codes, as they are
-                setattr(served, name, QuantizedRows.from_stored(
+                setattr(parent, leaf, QuantizedRows.from_stored(
                     tuple(getattr(table, n).detach().clone() for n in table._names), at, table.width))
                 continue
             if isinstance(table, QuantizedRows):  # another precision: from the values it serves
                 table = table.dequantized()
-            setattr(served, name, QuantizedRows(table.detach(), at))
+            setattr(parent, leaf, QuantizedRows(table.detach(), at))
         for p in served.parameters():
             p.requires_grad_(False)
         if "precision" in served._saved_options:
@@ -501,6 +504,13 @@ class CompressedEmbedding(nn.Module):
     def extra_repr(self) -> str:
         n = self.cardinalities[0] if self.single else list(self.cardinalities)
         return f"cardinalities={n}, embedding_dim={self.embedding_dim}"
+
+
+def _holder(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the row table ``name`` and its attribute there: ``weights.2`` is entry 2 of the
+    ``weights`` list (mixed dimension's tables of each width)."""
+    parent, _, leaf = name.rpartition(".")
+    return (module.get_submodule(parent) if parent else module), leaf
 
 
 def default_init_std(embedding_dim: int) -> float:

@@ -11,8 +11,8 @@ sizes (one per row, or one per field) and the optimizer's per-row sums, so the t
 2. the step sizes learn by LSQ's estimator (Esser et al., ICLR 2020), as the paper does: with ``v = w / delta``,
    ``d(delta * round(clip(v))) / d delta`` is ``round(v) - v`` inside the range and the clipping bound outside it,
    times the output gradient, scaled by the paper's ``1 / sqrt(B * D * (2**(b-1) - 1))`` (``B`` the batch size);
-   then an Adagrad step whose learning rate ``step_lr`` is relative to the initial step size (Adagrad is
-   invariant to the gradient's scale, so the step moves by about ``step_lr * delta_0`` at first, whatever ``b``);
+   then an update of ``log(delta)`` by ``step_lr`` times that gradient over its running RMS (RMSprop, decay 0.99),
+   so each step moves ``delta`` by a factor of about ``exp(+-step_lr)`` whatever its scale;
 3. ``w`` is written back as codes at the new step size with **stochastic rounding**, unbiased.
 
 With a step per field, a step-size update rescales every row of the field, the ones the batch did not read too:
@@ -22,12 +22,14 @@ fields, the batch size for one-hot input (for bags it counts values).
 One departure, for cost: the paper and the VLDB 2024 benchmark's reference compute the step-size gradient in a
 second forward and backward pass through the model at the updated rows; here it uses the first pass's output
 gradient ``g`` at those rows (a first-order approximation of the same quantity, exact as ``lr -> 0``), so a step
-costs one forward and one backward like every other table.
+costs one forward and one backward like every other table. And the step sizes learn in log space (the paper updates
+them with the model's optimizer): a table dropped into a model that initialises rows at std 1e-4 (DeepCTR's
+convention) must let them grow a hundredfold within an epoch, which an additive step of any fixed size does not.
 
 Bytes, exactly (``N = sum(n_f)`` rows, ``D`` wide): codes ``N * ceil(D * b / 8)`` (uint8, ``8 / b`` codes a byte),
 step sizes ``4 N`` (per row) or ``4 F`` (per field, with the rows' int64 field starts, ``8 F``), plus the int64
 field offsets. Served as stored; training adds
-the row-wise Adagrad sums (``4 N``) and the step sizes' Adagrad sums (``4 N`` or ``4 F``). At ``D = 16`` per row:
+the row-wise Adagrad sums (``4 N``) and the step sizes' mean squares (``4 N`` or ``4 F``). At ``D = 16`` per row:
 int8 20 bytes (3.2x), int4 12 (5.3x), int2 8 (8x): ``bits`` is the budget knob, and budgets past 8x raise
 ``BudgetError``.
 """
@@ -49,6 +51,7 @@ from embcompress.quantize import stochastic_round
 from embcompress.registry import TABLES
 
 BITS = (2, 4, 8)
+_BETA = 0.99  # decay of the step sizes' running mean square gradient
 STEPS = ("row", "field")
 
 
@@ -160,10 +163,17 @@ class ALPTOptimizer(torch.optim.Optimizer):
         if t.field_starts is not None:
             index, inverse = torch.unique(index, return_inverse=True)
             g_step = g_step.new_zeros(index.shape[0]).index_add_(0, inverse, g_step)
-        lr = group["step_lr"] * t.initial_step
-        update = rowwise_adagrad_(self.state[t.step], t.step.numel(), index, g_step.unsqueeze(1), lr, group["eps"])
-        # Kept positive: a step size at zero would map every coordinate to code 0 for good.
-        t.step[index] = (t.step[index] - update.squeeze(1)).clamp_min(t.initial_step * 1e-3)
+        # In log space, normalised by a running RMS of its gradients: the step can grow or shrink by orders of
+        # magnitude within a run (rows of a model initialised at std 1e-4 grow 100x), and stays positive.
+        g_log = g_step * t.step[index]
+        state = self.state[t.step]
+        if "sq" not in state:
+            state["sq"] = torch.zeros_like(t.step)
+        sq = state["sq"][index]
+        sq = torch.where(sq > 0, _BETA * sq + (1 - _BETA) * g_log.square(), g_log.square())
+        state["sq"][index] = sq
+        update = torch.where(sq > 0, g_log / sq.sqrt(), torch.zeros_like(g_log)) * group["step_lr"]
+        t.step[index] = t.step[index] * torch.exp(-update.clamp_(-1.0, 1.0))
         t.write(rows, w, self.generator)
         return loss
 
@@ -187,7 +197,7 @@ class ALPTEmbedding(CompressedEmbedding):
     Args:
         bits: code width, 8, 4 or 2 (the budget knob).
         step: ``"row"`` (a step size per row, the paper's default) or ``"field"`` (one per field).
-        step_lr: Adagrad's learning rate of the step sizes, relative to their initial value.
+        step_lr: the step sizes' learning rate in log space (each update moves one by about ``exp(+-step_lr)``).
         seed: seeds the stochastic rounding of the write-back.
         init_std: std of the initial rows (before they are rounded to the codes); ``None``: the library default.
 
@@ -207,7 +217,7 @@ class ALPTEmbedding(CompressedEmbedding):
 
     def __init__(
         self, cardinalities: int | Sequence[int], embedding_dim: int, *, bits: int = 8, step: str = "row",
-        step_lr: float = 0.01, seed: int = 0, init_std: float | None = None,
+        step_lr: float = 0.05, seed: int = 0, init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         self.bits = check_int("bits", bits, owner=self)

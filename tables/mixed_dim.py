@@ -65,6 +65,7 @@ from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_number, check_positive_int, init_rows_,
     resolve_init_std,
 )
+from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
 
 __all__ = [
@@ -286,6 +287,10 @@ class MixedDimEmbedding(CompressedEmbedding):
         blocks_per_field: frequency blocks per field (geometric id ranges, Zipf-estimated popularity).
         round_dims: only widths that are powers of two (or ``D``).
         sparse: sparse gradients for the row weights (use ``torch.optim.SparseAdam``); projections stay dense.
+        precision: the precision the row tables of each width are served at (:mod:`embcompress.quantize`; a
+            width too narrow to shrink, such as 1 at int8, stays fp32); the projections stay fp32.
+        train_quantized: hold those row tables at ``precision`` (int8 or int4) while training too
+            (:mod:`embcompress.lowp`).
         init_std: std of the returned (projected) vectors at initialisation (``None``: the library default).
 
     >>> import torch
@@ -308,10 +313,14 @@ class MixedDimEmbedding(CompressedEmbedding):
         blocks_per_field: int = 1,
         round_dims: bool = False,
         sparse: bool = False,
+        precision: str = "fp32",
+        train_quantized: bool = False,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         check_number("scale", scale, lo=0, owner=self)  # required here (from_budget solves it)
+        self.precision = check_precision(precision, owner=self)
+        self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
         _check_options(scale, alpha, blocks_per_field, round_dims, sparse, owner=self)
         self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.scale, self.alpha = float(scale), float(alpha)
@@ -395,7 +404,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         return out.view(*shape, self.embedding_dim)
 
     def _project(self, g: int, rows: torch.Tensor, part: torch.Tensor, stacks: torch.Tensor | None):
-        vectors = F.embedding(rows, self.weights[g], sparse=self.sparse)
+        vectors = self.read_rows(self.weights[g], rows)
         d = self.dims[g]
         if d == self.embedding_dim:
             return vectors
@@ -413,6 +422,10 @@ class MixedDimEmbedding(CompressedEmbedding):
             return spread @ stack
         # Many parts of one width: gather each id's [d, D] projection instead (cost ~ d * D per id).
         return torch.bmm(vectors.unsqueeze(1), stack.view(num, d, -1)[slot]).squeeze(1)
+
+    @property
+    def row_parameters(self) -> tuple[str, ...]:  # one row table per width, served at `precision`
+        return tuple(f"weights.{g}" for g in range(len(self.weights)))
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return list(self.weights) if self.sparse else []

@@ -121,3 +121,18 @@ def test_a_process_group_is_refused():
     from embcompress.distributed import DistContext
     with pytest.raises(ValueError, match="one process"):
         DistContext.wrap(ALPTEmbedding(CARDS, D), "cpu")
+
+
+def test_the_step_grows_by_orders_of_magnitude_when_it_must():
+    """Rows initialised at std 1e-4 (DeepCTR's convention) that training wants 100x larger: the step, learned in
+    log space, follows them within a hundred steps, and the rows stop saturating."""
+    t = ALPTEmbedding(50, 8, bits=8, init_std=1e-4)
+    (opt,) = t.row_optimizers(0.1)
+    start = t.rows.step.clone()
+    target = torch.full((8,), 0.1)  # 7,000 std: codes of at most 127 steps need a step 56x the initial one
+    for _ in range(100):
+        out = t.train()(torch.arange(10))
+        (out - target).pow(2).sum().backward()
+        opt.step()
+    assert (t.rows.step[:10] > 50 * start[:10]).all()
+    assert torch.allclose(t.eval()(torch.arange(10)), target.expand(10, 8), atol=0.01)

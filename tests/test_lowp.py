@@ -23,6 +23,7 @@ SPECS = {  # every table that takes the option, at a size that compresses
     "hash_embedding.v1": {"num_buckets": 48},
     "hash_embedding.v2": {"num_buckets": 48},
     "qr.v1": {"collisions": 4},
+    "mixed_dim.v1": {"scale": 8.0, "blocks_per_field": 2},
 }
 
 

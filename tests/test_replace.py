@@ -85,8 +85,10 @@ def zoo():
     return {"x": x, "y": y, "cards": cards, "host": host, "splits": splits, "baseline": baseline}
 
 
-def _train(model: nn.Module, x, y, splits, *, batch: int = 256, lr: float = 3e-3) -> dict:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def _train(model: nn.Module, x, y, splits, *, batch: int = 256, lr: float = 3e-3, row_lr: float = 0.1) -> dict:
+    # A table whose rows train at low precision (ALPT) brings its own optimizer: a user's loop steps it too.
+    tables = [m for m in model.modules() if isinstance(m, CompressedEmbedding)]
+    opts = [torch.optim.Adam(model.parameters(), lr=lr)] + [o for t in tables for o in t.row_optimizers(row_lr)]
     train = splits["train"]
     perm = torch.randperm(train.stop - train.start, generator=torch.Generator().manual_seed(0)) + train.start
     losses = []
@@ -94,9 +96,11 @@ def _train(model: nn.Module, x, y, splits, *, batch: int = 256, lr: float = 3e-3
     for i in range(0, len(perm), batch):
         idx = perm[i : i + batch]
         loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         losses.append(loss.item())
     model.eval()
     test = splits["test"]
