@@ -35,7 +35,7 @@ from torch import nn
 from .budget import BudgetError
 from .data import Batch
 from .specs import SpecError, check_mapping_keys
-from .validate import check_bool, check_int, check_number, check_positive_int
+from .validate import check_bool, check_choice, check_int, check_number, check_positive_int
 
 if TYPE_CHECKING:
     from .data import CTRData
@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 Candidate = tuple[int, ...]
+PRUNE_MODES = ("thresholds", "budget")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ class OptEmbedSchedule:
         alpha: weight of the threshold regulariser ``alpha * sum(exp(-t))`` in supernet training.
         rewind: retrain from the weights at the start of supernet training (the trained thresholds kept).
         retrain_epochs: epochs of retraining (``None``: the run's ``TrainConfig.epochs``).
+        prune: which rows the export keeps. ``"thresholds"`` (the paper): the rows the learned thresholds keep
+            (``||e||_1 > t``), so how much is pruned follows ``threshold_lr`` and ``alpha``, and the search only
+            narrows widths within the budget. ``"budget"``: rows ranked by the same importance ``||e||_1 - t``,
+            and for each candidate widths the search scores, as many of the most important rows as the budget
+            holds at those widths: the export lands at the budget, and the search trades rows for width.
 
     Every field is checked here, before any training: a bad value raises ``ValueError`` naming the field and
     the value. A suite gives the schedule as a flat mapping (:meth:`from_dict`).
@@ -107,6 +113,7 @@ class OptEmbedSchedule:
     alpha: float = 1e-2
     rewind: bool = True
     retrain_epochs: int | None = None
+    prune: str = "thresholds"
 
     def __post_init__(self) -> None:
         if not isinstance(self.search, SearchConfig):
@@ -117,6 +124,7 @@ class OptEmbedSchedule:
             "alpha": check_number("alpha", self.alpha, lo=0, owner=owner),
             "rewind": check_bool("rewind", self.rewind, owner=owner),
             "retrain_epochs": check_positive_int("retrain_epochs", self.retrain_epochs, optional=True, owner=owner),
+            "prune": check_choice("prune", self.prune, PRUNE_MODES, owner=owner),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # frozen dataclass
@@ -281,6 +289,46 @@ class StagedFit:
     details: dict
 
 
+class _RowsByImportance:
+    """``prune="budget"``: rows in order of OptEmbed's importance ``||e||_1 - t`` (ties: the lower row), and for
+    given widths the longest prefix of that order whose export fits the table's budget."""
+
+    def __init__(self, table) -> None:
+        with torch.no_grad():
+            importance = table.weight.abs().sum(-1) - table._row_thresholds()
+        self.order = torch.argsort(-importance, stable=True)
+        cards = torch.tensor(table.cardinalities, device=self.order.device)
+        fields = torch.repeat_interleave(torch.arange(len(table.cardinalities), device=cards.device), cards)
+        self.fields = fields[self.order]
+        self.table = table
+        self._rows: dict[Candidate, int] = {}
+
+    def _kept(self, k: int) -> list[int]:
+        return torch.bincount(self.fields[:k], minlength=self.table.num_fields).tolist()
+
+    def rows(self, dims: Candidate) -> int:
+        """The most rows (a prefix of the order) whose export at widths ``dims`` fits the budget (0 if none)."""
+        dims = tuple(int(d) for d in dims)
+        if dims not in self._rows:
+            lo, hi = 0, self.order.numel()  # bytes grow with the prefix: bisect the largest that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.table.export_bytes(dims, self._kept(mid)) <= self.table.budget_bytes:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            self._rows[dims] = lo
+        return self._rows[dims]
+
+    def kept(self, dims: Candidate) -> list[int]:
+        return self._kept(self.rows(dims))
+
+    def mask(self, dims: Candidate) -> torch.Tensor:
+        mask = torch.zeros(self.order.numel(), dtype=torch.bool, device=self.order.device)
+        mask[self.order[: self.rows(dims)]] = True
+        return mask
+
+
 def _subset(split: Batch, rows: int | None, seed: int) -> Batch:
     if rows is None or rows >= len(split):
         return split
@@ -323,6 +371,7 @@ def run_optembed(model: nn.Module, table, data: "CTRData", cfg: "TrainConfig",
     start = time.perf_counter()
     mask = table.current_row_mask()
     kept = table.kept_per_field(mask)
+    by_budget = _RowsByImportance(table) if schedule.prune == "budget" else None
     search_cfg = schedule.search if schedule.search.seed is not None else replace(schedule.search, seed=cfg.seed)
     val = _subset(data.split("val"), search_cfg.search_rows, search_cfg.seed)
     labels = val.labels.numpy()
@@ -330,13 +379,23 @@ def run_optembed(model: nn.Module, table, data: "CTRData", cfg: "TrainConfig",
 
     def fitness(dims) -> float:
         table.set_dims(dims)
+        if by_budget is not None:
+            table.set_search_mask(by_budget.mask(dims))
         p = predict(model, val, batch_size=cfg.eval_batch_size, device=cfg.device)
         return float(roc_auc_score(labels, p)) if 0 < labels.sum() < len(labels) else math.nan
 
+    if by_budget is None:
+        size = lambda c: table.export_bytes(c, kept)  # noqa: E731
+    else:
+        size = lambda c: table.export_bytes(c, by_budget.kept(c))  # noqa: E731
     search = evolutionary_search(
-        table.num_fields, table.embedding_dim, fitness, lambda c: table.export_bytes(c, kept),
+        table.num_fields, table.embedding_dim, fitness, size,
         budget_bytes=table.budget_bytes, weights=kept, cfg=search_cfg,
     )
+    if by_budget is not None:
+        table.set_search_mask(None)
+        mask = by_budget.mask(search.best)
+        kept = table.kept_per_field(mask)
     stages["search"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -363,7 +422,8 @@ def run_optembed(model: nn.Module, table, data: "CTRData", cfg: "TrainConfig",
     if not (auc == result.test_auc or (math.isnan(auc) and math.isnan(result.test_auc))):
         raise RuntimeError(f"exported model's test AUC {auc} differs from the retrained model's {result.test_auc}")
     details = {
-        "kept_rows": sum(kept), "total_rows": sum(table.cardinalities), "kept_per_field": kept,
+        "prune": schedule.prune, "kept_rows": sum(kept), "total_rows": sum(table.cardinalities),
+        "kept_per_field": kept,
         "dims": list(search.best), "search_val_auc": search.fitness, "search_evaluations": search.evaluations,
         "supernet_val_auc": supernet.val_auc, "supernet_test_auc": supernet.test_auc,
         "thresholds": table.threshold.detach().cpu().tolist() if table.threshold_mode == "field" else None,

@@ -184,6 +184,7 @@ class OptEmbed(CompressedEmbedding):
         self.register_buffer("row_mask", torch.ones(rows, dtype=torch.bool))
         self.register_buffer("dims", torch.full((self.num_fields,), embedding_dim, dtype=torch.int64))
         self._stage = STAGES[0]
+        self._search_mask: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ stages
     @property
@@ -203,6 +204,14 @@ class OptEmbed(CompressedEmbedding):
         if bool(((dims < 1) | (dims > self.embedding_dim)).any()):
             raise ValueError(f"dims must lie in [1, {self.embedding_dim}], got {dims.tolist()}")
         self.dims.copy_(dims.to(self.dims.device))
+        return self
+
+    def set_search_mask(self, mask: torch.Tensor | None) -> "OptEmbed":
+        """Evaluate the supernet with these rows kept instead of the thresholds' (``None``: the thresholds'
+        again); the search of ``prune="budget"`` sets it. Training ignores it."""
+        if mask is not None and mask.shape != self.row_mask.shape:
+            raise ValueError(f"mask must have shape {list(self.row_mask.shape)}, got {list(mask.shape)}")
+        self._search_mask = None if mask is None else mask.to(device=self.row_mask.device, dtype=torch.bool)
         return self
 
     @torch.no_grad()
@@ -238,7 +247,10 @@ class OptEmbed(CompressedEmbedding):
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         rows = ids + self.offsets[fields]
         e = F.embedding(rows, self.weight, sparse=self.sparse)
-        if self.stage == "supernet":
+        if self.stage == "supernet" and not self.training and self._search_mask is not None:
+            keep = self._search_mask[rows].to(e.dtype)  # a search scoring the rows a budget keeps
+            widths = self.dims[fields].expand_as(rows)
+        elif self.stage == "supernet":
             t = self.threshold[rows] if self.threshold_mode == "id" else self.threshold[fields].expand_as(rows)
             keep = RowMaskSTE.apply(e.abs().sum(-1) - t)
             if self.training:

@@ -476,3 +476,43 @@ def test_a_checkpoint_saved_with_the_old_schedule_options_still_loads():
     assert fresh.stage == "retrain" and torch.equal(fresh(ids), table(ids))
     with pytest.raises(ValueError, match="built with threshold='field'; this table has threshold='id'"):
         OptEmbed(CARDS, 8, threshold="id").load_state_dict(state)
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 16, 64])
+def test_budget_mode_lands_at_the_budget(small_data, ratio):
+    """``prune="budget"``: asked for Nx, the export lands within 10% of Nx (at most the budget), where the learned
+    thresholds alone would land wherever their learning rate took them."""
+    data = small_data
+    budget = baseline_bytes(data.cardinalities, 8) / ratio
+    torch.manual_seed(0)
+    table = build_table({"type": "optembed.v1", "budget_bytes": budget}, data.cardinalities, 8)
+    model = build_model({"type": "lr.v1"}, table, data.num_dense)
+    schedule = OptEmbedSchedule(prune="budget", threshold_lr=1.0, search=SearchConfig(generations=2, search_rows=800))
+    fit = run_optembed(model, table, data, TrainConfig(epochs=1, batch_size=500, lr=0.01, progress=False), schedule)
+    served = fit.table.memory_report().total_bytes
+    assert 0.9 * budget <= served <= budget
+    assert fit.details["prune"] == "budget" and fit.details["kept_rows"] == int(table.row_mask.sum())
+    assert 0.5 < fit.result.test_auc <= 1
+
+
+def test_budget_mode_keeps_a_prefix_of_the_importance_order():
+    from embcompress.optembed import _RowsByImportance
+
+    torch.manual_seed(0)
+    table = OptEmbed([40, 30, 20], 4, budget_bytes=600)
+    with torch.no_grad():
+        table.threshold.copy_(torch.tensor([0.0, 0.5, -0.5]))
+    rows = _RowsByImportance(table)
+    dims = (4, 2, 1)
+    mask = rows.mask(dims)
+    k = rows.rows(dims)
+    assert int(mask.sum()) == k > 0
+    assert table.export_bytes(dims, table.kept_per_field(mask)) <= 600
+    bigger = torch.zeros_like(mask)
+    bigger[rows.order[: k + 1]] = True
+    assert table.export_bytes(dims, table.kept_per_field(bigger)) > 600
+    importance = table.weight.abs().sum(-1) - table._row_thresholds()
+    assert importance[mask].min() >= importance[~mask].max()
+    assert rows.rows((1, 1, 1)) >= rows.rows((4, 4, 4))  # narrower widths keep more rows
+    with pytest.raises(ValueError, match="prune"):
+        OptEmbedSchedule(prune="top-k")
