@@ -14,7 +14,6 @@ the index map is allocated from construction, so its bytes never change between 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from torch import nn
 
 from .optembed import StagedFit
-from .specs import SpecError, check_mapping_keys
+from .schedule import StagedSchedule
 from .validate import check_int, check_positive_int
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ __all__ = ["CCESchedule", "run_cce"]
 
 
 @dataclass(frozen=True)
-class CCESchedule:
+class CCESchedule(StagedSchedule):
     """How :func:`run_cce` trains a CCE table.
 
     Args:
@@ -70,29 +69,18 @@ class CCESchedule:
             "sample": check_positive_int("sample", self.sample, owner=owner),
             "seed": check_int("seed", self.seed, lo=0, optional=True, owner=owner),
         }
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)  # frozen dataclass
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        self._store(checked)
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any] | None, where: str = "schedule") -> "CCESchedule":
-        """A schedule from a suite's plain mapping; absent keys keep their defaults (``None`` or ``{}``: the
-        default schedule). An unknown key or a bad value raises :class:`~embcompress.specs.SpecError` naming
-        ``where``, the key and the value.
+        """See :meth:`~embcompress.schedule.StagedSchedule.from_dict`.
 
         >>> CCESchedule.from_dict({"recluster": 3}, "methods[4].schedule")
         Traceback (most recent call last):
             ...
         embcompress.specs.SpecError: methods[4].schedule: unknown key 'recluster'; did you mean 'reclusterings'? (accepted keys: reclusterings, epochs_between, final_epochs, kmeans_iterations, sample, seed)
         """
-        mapping = check_mapping_keys(mapping, cls.keys(), where)
-        try:
-            return cls(**mapping)
-        except ValueError as err:
-            raise SpecError(f"{where}: {err}") from None
+        return super().from_dict(mapping, where)
 
 
 def run_cce(model: nn.Module, table, data: "CTRData", cfg: "TrainConfig",

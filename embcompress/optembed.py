@@ -140,7 +140,7 @@ class OptEmbedSchedule:
         """A schedule from a suite's plain mapping (what ``yaml.safe_load`` gives), flat: the
         :class:`SearchConfig` fields (``population``, ``keep``, ``mutations``, ``crossovers``, ``generations``,
         ``mutate_prob``, ``seed``, ``search_rows``) beside ``threshold_lr``, ``alpha``, ``rewind`` and
-        ``retrain_epochs``; absent keys keep their defaults (``None`` or ``{}``: the default schedule).
+        ``retrain_epochs`` and ``prune``; absent keys keep their defaults (``None`` or ``{}``: the default schedule).
 
         Flat, not a nested ``search:`` mapping, so a suite's ``schedule:`` holds exactly the keys its ``table:``
         held when they were table options. An unknown key raises :class:`~embcompress.specs.SpecError` naming
@@ -149,7 +149,7 @@ class OptEmbedSchedule:
         >>> OptEmbedSchedule.from_dict({"generation": 3}, "methods[2].schedule")
         Traceback (most recent call last):
             ...
-        embcompress.specs.SpecError: methods[2].schedule: unknown key 'generation'; did you mean 'generations'? (accepted keys: population, keep, mutations, crossovers, generations, mutate_prob, seed, search_rows, threshold_lr, alpha, rewind, retrain_epochs)
+        embcompress.specs.SpecError: methods[2].schedule: unknown key 'generation'; did you mean 'generations'? (accepted keys: population, keep, mutations, crossovers, generations, mutate_prob, seed, search_rows, threshold_lr, alpha, rewind, retrain_epochs, prune)
         """
         mapping = check_mapping_keys(mapping, cls.keys(), where)
         search_keys = {f.name for f in dataclasses.fields(SearchConfig)}

@@ -60,7 +60,6 @@ Initialisation: rows are ``N(0, init_std**2)`` (the returned vectors of stage 1 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import time
@@ -79,7 +78,7 @@ from embcompress.contract import (
 )
 from embcompress.optembed import StagedFit
 from embcompress.registry import TABLES
-from embcompress.specs import SpecError, check_mapping_keys
+from embcompress.schedule import StagedSchedule
 from embcompress.tables.cce import index_dtype
 
 __all__ = ["DedupEmbedding", "DedupExport", "DedupSchedule", "lsh_groups"]
@@ -180,7 +179,7 @@ def lsh_groups(blocks: torch.Tensor, max_groups: int, *, seed: int = 0, bucket_w
 
 # -------------------------------------------------------------------------------------------------- schedule
 @dataclass(frozen=True)
-class DedupSchedule:
+class DedupSchedule(StagedSchedule):
     """How :meth:`DedupEmbedding.fit_staged` trains a dedup table.
 
     Args:
@@ -211,29 +210,18 @@ class DedupSchedule:
             "bucket_width": check_number("bucket_width", self.bucket_width, positive=True, owner=owner),
             "hashes": check_positive_int("hashes", self.hashes, owner=owner),
         }
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)  # frozen dataclass
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        self._store(checked)
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any] | None, where: str = "schedule") -> "DedupSchedule":
-        """A schedule from a suite's plain mapping; absent keys keep their defaults (``None`` or ``{}``: the
-        default schedule). An unknown key or a bad value raises :class:`~embcompress.specs.SpecError` naming
-        ``where``, the key and the value.
+        """See :meth:`~embcompress.schedule.StagedSchedule.from_dict`.
 
         >>> DedupSchedule.from_dict({"finetune_epoch": 3}, "methods[1].schedule")
         Traceback (most recent call last):
             ...
         embcompress.specs.SpecError: methods[1].schedule: unknown key 'finetune_epoch'; did you mean 'finetune_epochs', 'train_epochs'? (accepted keys: train_epochs, finetune_epochs, bucket_width, hashes)
         """
-        mapping = check_mapping_keys(mapping, cls.keys(), where)
-        try:
-            return cls(**mapping)
-        except ValueError as err:
-            raise SpecError(f"{where}: {err}") from None
+        return super().from_dict(mapping, where)
 
 
 # ----------------------------------------------------------------------------------------------------- table
