@@ -139,7 +139,7 @@ class OptEmbedSchedule:
     def from_dict(cls, mapping: Mapping[str, Any] | None, where: str = "schedule") -> "OptEmbedSchedule":
         """A schedule from a suite's plain mapping (what ``yaml.safe_load`` gives), flat: the
         :class:`SearchConfig` fields (``population``, ``keep``, ``mutations``, ``crossovers``, ``generations``,
-        ``mutate_prob``, ``seed``, ``search_rows``) beside ``threshold_lr``, ``alpha``, ``rewind`` and
+        ``mutate_prob``, ``seed``, ``search_rows``) beside ``threshold_lr``, ``alpha``, ``rewind``,
         ``retrain_epochs`` and ``prune``; absent keys keep their defaults (``None`` or ``{}``: the default schedule).
 
         Flat, not a nested ``search:`` mapping, so a suite's ``schedule:`` holds exactly the keys its ``table:``
