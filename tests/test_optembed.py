@@ -370,7 +370,7 @@ def test_schedule_from_a_flat_mapping():
     assert OptEmbedSchedule.from_dict({}) == OptEmbedSchedule.from_dict(None) == OptEmbedSchedule()
     assert set(OptEmbedSchedule.keys()) == {"population", "keep", "mutations", "crossovers", "generations",
                                             "mutate_prob", "seed", "search_rows", "threshold_lr", "alpha",
-                                            "rewind", "retrain_epochs"}
+                                            "rewind", "retrain_epochs", "prune"}
 
 
 @pytest.mark.parametrize("mapping, pattern", [
