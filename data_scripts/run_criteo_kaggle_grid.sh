@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper-style grid on Criteo Kaggle: every method at 2x..1000x, DLRM and DCN, 3 seeds
-# (benchmarks/criteo_kaggle_grid.yaml, 936 runs), through `embcompress bench run`, on your prepared folder.
+# (benchmarks/criteo_kaggle_grid.yaml, 1,206 runs), through `embcompress bench run`, on your prepared folder.
 #
 # Usage: data_scripts/run_criteo_kaggle_grid.sh [PREPARED_DIR] [OUT_DIR] [extra `embcompress bench run` options]
 #   PREPARED_DIR  default data/criteo/kaggle_dlrm (written by data_scripts/prepare_criteo_kaggle.sh)

@@ -374,9 +374,10 @@ class CompressedEmbedding(nn.Module):
         return any(isinstance(m, CapturesRowGradients) for m in self.modules())
 
     def row_optimizers(self, lr: float, *, seed: int = 0) -> list[torch.optim.Optimizer]:
-        """Optimizers of the rows this table trains itself (``train_quantized``: a
-        :class:`~embcompress.lowp.QuantizedRowOptimizer` at ``lr``); none by default. The training loop steps them
-        with the model's optimizers."""
+        """Optimizers the table brings, which the training loop steps after the model's: those of the rows it
+        trains itself (``train_quantized``: a :class:`~embcompress.lowp.QuantizedRowOptimizer` at ``lr``; ALPT's),
+        and per-step work that must follow an update (DeepLight's pruning ramp, AutoDim's temperature); none by
+        default. A custom training loop steps them too."""
         stores = [t for t in self._row_tables().values() if isinstance(t, TrainedRows)]
         return [QuantizedRowOptimizer(stores, lr=lr, seed=seed)] if stores else []
 

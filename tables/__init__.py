@@ -15,6 +15,10 @@ from .dpq import DPQEmbedding, DPQExport
 from .mgqe import MGQEEmbedding
 from .alpt import ALPTEmbedding
 from .dedup import DedupEmbedding, DedupExport
+from .autosrh import AutoSrhEmbedding, AutoSrhExport
+from .pep import PEPEmbedding, PEPExport
+from .deeplight import DeepLightEmbedding, DeepLightExport
+from .autodim import AutoDimEmbedding, AutoDimServed
 
 __all__ = [
     "FullEmbedding", "HashingEmbedding", "HashingEmbeddingV2", "UnifiedEmbedding", "UnifiedEmbeddingV2",
@@ -26,4 +30,8 @@ __all__ = [
     "DPQEmbedding", "DPQExport", "MGQEEmbedding",
     "ALPTEmbedding",
     "DedupEmbedding", "DedupExport",
+    "AutoSrhEmbedding", "AutoSrhExport",
+    "PEPEmbedding", "PEPExport",
+    "DeepLightEmbedding", "DeepLightExport",
+    "AutoDimEmbedding", "AutoDimServed",
 ]

@@ -419,7 +419,7 @@ def test_synthetic_full_covers_every_method_model_budget_and_seed():
     one_size = {"full-fp16": (1.99,), "full-int8": (2,), "full-int4": (4,), "full-int8-trained": (2,)}
     assert all(m.compression == one_size.get(m.name, (2, 4, 16, 64, 256, 1000)) for m in suite.methods
                if m.name != "full")
-    assert len(suite.runs()) == 2 * 3 * (1 + 27 * 6 + 4)
+    assert len(suite.runs()) == 2 * 3 * (1 + 31 * 6 + 4)
 
 
 # ------------------------------------------------------------------------------------------------ tuning

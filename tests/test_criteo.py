@@ -586,7 +586,7 @@ def test_grid_suite_loads_on_a_prepared_folder(sample_dir):
     suite = load_suite(ROOT / "benchmarks" / "criteo_kaggle_grid.yaml", data_path=sample_dir)
     assert suite.data == {"criteo": {"path": str(sample_dir)}}
     assert [m.name for m in suite.models] == ["dlrm", "dcn"] and suite.seeds == (0, 1, 2)
-    assert suite.train["epochs"] == 1 and len(suite.runs()) == 936
+    assert suite.train["epochs"] == 1 and len(suite.runs()) == 1206
     ratios = {r for m in suite.methods for r in m.compression}
     assert min(ratios) == 2 and max(ratios) == 1000
     in_grid = {m.table["type"] for m in suite.methods}

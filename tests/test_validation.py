@@ -55,7 +55,10 @@ BAD = {
 # A valid value for required options and for options whose default is None, by option name.
 VALUES = {"num_buckets": 64, "scale": 4.0, "init_std": 0.1, "budget_bytes": 10**6, "retrain_epochs": 2,
           "low_rank": 4, "size": 64, "block_size": 4,
-          "kept_blocks": 16}  # dedup.v1's budget key (default None: every block)
+          "kept_blocks": 16,  # dedup.v1's budget key (default None: every block)
+          "groups": 4,  # autosrh.v1's dimension groups (default None: min(6, D)); kept_numbers is its budget key
+          "candidates": [2, 4, 8],  # autodim.v1's candidate widths (default None: powers of two up to D)
+          "kept_numbers": 100}  # deeplight.v1's (and pep.v1's) budget key (default None: every number)
 PROVIDED = {"cardinalities", "embedding_dim", "embeddings", "num_dense", "self"}
 
 
