@@ -70,7 +70,7 @@ import copy
 import itertools
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -83,7 +83,7 @@ from embcompress.contract import (
 )
 from embcompress.optembed import StagedFit, replace_table
 from embcompress.registry import TABLES, check_table_options
-from embcompress.schedule import StagedSchedule
+from embcompress.schedule import StagedSchedule, stage_config
 
 __all__ = [
     "AutoDimEmbedding", "AutoDimServed", "AutoDimSchedule", "TemperatureClock", "choose_dims", "served_bytes",
@@ -495,8 +495,7 @@ class AutoDimEmbedding(CompressedEmbedding):
             raise ValueError(f"{_NAME}: fit_staged: the table is not a submodule of the model")
 
         def stage_cfg(epochs: int | None, suffix: str):
-            return replace(cfg, epochs=epochs or cfg.epochs,
-                           checkpoint=None if cfg.checkpoint is None else f"{cfg.checkpoint}.{suffix}")
+            return stage_config(cfg, epochs, suffix)
 
         self.set_temperature_schedule(decay=schedule.temperature_decay * cfg.batch_size,
                                       min_temperature=schedule.min_temperature)

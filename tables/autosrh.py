@@ -84,8 +84,7 @@ std is ``init_std``.
 from __future__ import annotations
 
 import itertools
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -102,7 +101,7 @@ from embcompress.process_group import gather_rows, is_distributed
 from embcompress.registry import TABLES
 from embcompress.tables.sparse_export import SparseExport
 from embcompress.sparse_rows import smallest_format
-from embcompress.schedule import StagedSchedule
+from embcompress.schedule import StagedSchedule, check_staged_start, train_compress_retrain
 
 __all__ = ["AutoSrhEmbedding", "AutoSrhExport", "AutoSrhSchedule", "group_widths", "select_pairs", "served_bytes",
            "DEFAULT_GROUPS", "ALPHA_L1"]
@@ -454,43 +453,25 @@ class AutoSrhEmbedding(CompressedEmbedding):
         optimizer-state bytes, ``peak_training_bytes`` (the larger stage's: the search, which holds the alphas
         and their optimizer state) and ``serving_bytes``.
         """
-        from embcompress.training import train  # the loop (and scikit-learn) only when a staged run starts
-
-        schedule = AutoSrhSchedule() if schedule is None else schedule
-        if not isinstance(schedule, AutoSrhSchedule):
-            raise ValueError(f"{self._owner_name()}: schedule must be an AutoSrhSchedule or None, got {schedule!r}")
-        if not any(m is self for m in model.modules()):
-            raise ValueError(f"{self._owner_name()}: fit_staged: the table is not a submodule of the model")
+        schedule = check_staged_start(self, model, schedule, AutoSrhSchedule)
         if self.pruned:
             raise ValueError(f"{self._owner_name()}: fit_staged starts from the search stage; this table is "
                              "pruned already")
-
-        def stage_cfg(epochs: int | None, suffix: str):
-            return replace(cfg, epochs=epochs or cfg.epochs,
-                           checkpoint=None if cfg.checkpoint is None else f"{cfg.checkpoint}.{suffix}")
-
         self.set_alpha_l1(schedule.alpha_l1)
-        stages: dict[str, float] = {}
-        start = time.perf_counter()
-        search = train(model, data, stage_cfg(schedule.search_epochs, "search"))
-        stages["search"] = time.perf_counter() - start
-        details: dict[str, Any] = {"search_val_auc": search.val_auc, "search_test_auc": search.test_auc,
-                                   "alpha_l1": schedule.alpha_l1,
-                                   "search_table_bytes": self.memory_report().total_bytes,
-                                   "search_optimizer_bytes": search.table_optimizer_bytes}
-        start = time.perf_counter()
-        details.update(self.prune_())
-        stages["prune"] = time.perf_counter() - start
-        start = time.perf_counter()
-        result = train(model, data, stage_cfg(schedule.retrain_epochs, "retrain"))
-        stages["retrain"] = time.perf_counter() - start
-        details["retrain_table_bytes"] = self.memory_report().total_bytes
-        details["retrain_optimizer_bytes"] = result.table_optimizer_bytes
-        details["serving_bytes"] = self.serving_bytes()
-        # The runner's training bytes: the search held the alphas and their optimizer state, more than the retrain.
-        details["peak_training_bytes"] = max(details["search_table_bytes"] + details["search_optimizer_bytes"],
-                                             details["retrain_table_bytes"] + details["retrain_optimizer_bytes"])
-        return StagedFit(model=model, table=self, result=result, stages=stages, details=details)
+        run = train_compress_retrain(self, model, data, cfg, first=("search", "search", schedule.search_epochs),
+                                     compress=("prune", self.prune_),
+                                     second=("retrain", "retrain", schedule.retrain_epochs))
+        details: dict[str, Any] = {
+            "search_val_auc": run.first.val_auc, "search_test_auc": run.first.test_auc,
+            "alpha_l1": schedule.alpha_l1,
+            "search_table_bytes": run.first_bytes, "search_optimizer_bytes": run.first.table_optimizer_bytes,
+            **run.compressed,
+            "retrain_table_bytes": run.second_bytes, "retrain_optimizer_bytes": run.result.table_optimizer_bytes,
+            "serving_bytes": self.serving_bytes(),
+            # the search held the alphas and their optimizer state, more than the retrain
+            "peak_training_bytes": run.peak_training_bytes,
+        }
+        return StagedFit(model=model, table=self, result=run.result, stages=run.stages, details=details)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -62,8 +62,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -78,7 +77,7 @@ from embcompress.contract import (
 )
 from embcompress.optembed import StagedFit
 from embcompress.registry import TABLES
-from embcompress.schedule import StagedSchedule
+from embcompress.schedule import StagedSchedule, check_staged_start, train_compress_retrain
 from embcompress.tables.cce import index_dtype
 
 __all__ = ["DedupEmbedding", "DedupExport", "DedupSchedule", "lsh_groups"]
@@ -401,38 +400,21 @@ class DedupEmbedding(CompressedEmbedding):
         ``details`` hold :meth:`dedup_`'s statistics, the full table's stored and optimizer-state bytes (what
         stage 1 held: the peak of training) and the served bytes.
         """
-        from embcompress.training import train  # the loop (and scikit-learn) only when a staged run starts
-
-        schedule = DedupSchedule() if schedule is None else schedule
-        if not isinstance(schedule, DedupSchedule):
-            raise ValueError(f"{self._owner_name()}: schedule must be a DedupSchedule or None, got {schedule!r}")
-        if not any(m is self for m in model.modules()):
-            raise ValueError(f"{self._owner_name()}: fit_staged: the table is not a submodule of the model")
+        schedule = check_staged_start(self, model, schedule, DedupSchedule)
         if self.deduplicated:
             raise ValueError(f"{self._owner_name()}: fit_staged starts from the full table; this one is "
                              "deduplicated already")
-
-        def stage_cfg(epochs: int | None, suffix: str):
-            return replace(cfg, epochs=epochs or cfg.epochs,
-                           checkpoint=None if cfg.checkpoint is None else f"{cfg.checkpoint}.{suffix}")
-
-        stages: dict[str, float] = {}
-        start = time.perf_counter()
-        full = train(model, data, stage_cfg(schedule.train_epochs, "full"))
-        stages["train"] = time.perf_counter() - start
-        details: dict[str, Any] = {"full_val_auc": full.val_auc, "full_test_auc": full.test_auc,
-                                   "full_table_bytes": self.memory_report().total_bytes,
-                                   "full_optimizer_bytes": full.table_optimizer_bytes}
-        start = time.perf_counter()
-        details.update(self.dedup_(bucket_width=schedule.bucket_width, hashes=schedule.hashes))
-        stages["dedup"] = time.perf_counter() - start
-        start = time.perf_counter()
-        result = train(model, data, stage_cfg(schedule.finetune_epochs, "finetune"))
-        stages["finetune"] = time.perf_counter() - start
-        details["serving_bytes"] = self.serving_bytes()
-        # The runner's training bytes: stage 1 held the full table, more than the fine-tuned one holds.
-        details["peak_training_bytes"] = details["full_table_bytes"] + details["full_optimizer_bytes"]
-        return StagedFit(model=model, table=self, result=result, stages=stages, details=details)
+        run = train_compress_retrain(
+            self, model, data, cfg, first=("train", "full", schedule.train_epochs),
+            compress=("dedup", lambda: self.dedup_(bucket_width=schedule.bucket_width, hashes=schedule.hashes)),
+            second=("finetune", "finetune", schedule.finetune_epochs))
+        details: dict[str, Any] = {"full_val_auc": run.first.val_auc, "full_test_auc": run.first.test_auc,
+                                   "full_table_bytes": run.first_bytes,
+                                   "full_optimizer_bytes": run.first.table_optimizer_bytes,
+                                   **run.compressed, "serving_bytes": self.serving_bytes(),
+                                   # the runner's training bytes: stage 1 held the full table
+                                   "peak_training_bytes": run.peak_training_bytes}
+        return StagedFit(model=model, table=self, result=run.result, stages=run.stages, details=details)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def set_extra_state(self, state: dict) -> None:

@@ -84,8 +84,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -101,7 +100,7 @@ from embcompress.optembed import StagedFit
 from embcompress.registry import TABLES
 from embcompress.tables.sparse_export import SparseExport
 from embcompress.sparse_rows import smallest_format
-from embcompress.schedule import StagedSchedule
+from embcompress.schedule import StagedSchedule, check_staged_start, train_compress_retrain
 
 __all__ = ["DeepLightEmbedding", "DeepLightExport", "DeepLightSchedule", "RampPruner", "ramp_kept", "ramp_sparsity",
            "served_bytes"]
@@ -429,39 +428,25 @@ class DeepLightEmbedding(CompressedEmbedding):
         the optimizer-state bytes of each training stage, ``peak_training_bytes`` (the larger stage's) and
         ``serving_bytes``.
         """
-        from embcompress.training import train  # the loop (and scikit-learn) only when a staged run starts
+        schedule = check_staged_start(self, model, schedule, DeepLightSchedule)
 
-        schedule = DeepLightSchedule() if schedule is None else schedule
-        if not isinstance(schedule, DeepLightSchedule):
-            raise ValueError(f"{self._owner_name()}: schedule must be a DeepLightSchedule or None, got {schedule!r}")
-        if not any(m is self for m in model.modules()):
-            raise ValueError(f"{self._owner_name()}: fit_staged: the table is not a submodule of the model")
+        def prune() -> dict:
+            # the ramp's end (after the best epoch is restored), then the exact prune
+            ramp = {"ramp_steps_run": self._steps, "ramp_kept": self._kept, "ramp_sparsity": self.sparsity()}
+            final = self.prune_()
+            return {**ramp, "kept": final["kept"], "pruned": final["pruned"], "sparsity": final["sparsity"]}
 
-        def stage_cfg(epochs: int | None, suffix: str):
-            return replace(cfg, epochs=epochs or cfg.epochs,
-                           checkpoint=None if cfg.checkpoint is None else f"{cfg.checkpoint}.{suffix}")
-
-        stages: dict[str, float] = {}
-        start = time.perf_counter()
-        ramp = train(model, data, stage_cfg(schedule.train_epochs, "ramp"))
-        stages["train"] = time.perf_counter() - start
-        details: dict[str, Any] = {"ramp_val_auc": ramp.val_auc, "ramp_test_auc": ramp.test_auc,
-                                   "ramp_steps_run": self._steps, "ramp_kept": self._kept,
-                                   "ramp_sparsity": self.sparsity(), "table_bytes": self.memory_report().total_bytes,
-                                   "ramp_optimizer_bytes": ramp.table_optimizer_bytes}
-        start = time.perf_counter()
-        final = self.prune_()
-        stages["prune"] = time.perf_counter() - start
-        details.update({"kept": final["kept"], "pruned": final["pruned"], "sparsity": final["sparsity"]})
-        start = time.perf_counter()
-        result = train(model, data, stage_cfg(schedule.finetune_epochs, "finetune"))
-        stages["finetune"] = time.perf_counter() - start
-        details["finetune_optimizer_bytes"] = result.table_optimizer_bytes
-        details["serving_bytes"] = self.serving_bytes()
-        # Both stages hold the dense table and the mask (the same bytes); the optimizer state may differ.
-        details["peak_training_bytes"] = details["table_bytes"] + max(ramp.table_optimizer_bytes,
-                                                                      result.table_optimizer_bytes)
-        return StagedFit(model=model, table=self, result=result, stages=stages, details=details)
+        run = train_compress_retrain(self, model, data, cfg, first=("train", "ramp", schedule.train_epochs),
+                                     compress=("prune", prune),
+                                     second=("finetune", "finetune", schedule.finetune_epochs))
+        details: dict[str, Any] = {
+            "ramp_val_auc": run.first.val_auc, "ramp_test_auc": run.first.test_auc, "table_bytes": run.first_bytes,
+            "ramp_optimizer_bytes": run.first.table_optimizer_bytes, **run.compressed,
+            "finetune_optimizer_bytes": run.result.table_optimizer_bytes, "serving_bytes": self.serving_bytes(),
+            # both stages hold the dense table and the mask (the same bytes); the optimizer state may differ
+            "peak_training_bytes": run.peak_training_bytes,
+        }
+        return StagedFit(model=model, table=self, result=run.result, stages=run.stages, details=details)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def loaded_state_(self) -> None:

@@ -75,8 +75,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -92,7 +91,7 @@ from embcompress.optembed import StagedFit
 from embcompress.registry import TABLES
 from embcompress.tables.sparse_export import SparseExport
 from embcompress.sparse_rows import smallest_format
-from embcompress.schedule import StagedSchedule
+from embcompress.schedule import StagedSchedule, check_staged_start, train_compress_retrain
 
 __all__ = ["PEPEmbedding", "PEPExport", "PEPSchedule", "THRESHOLDS", "soft_threshold", "soft_threshold_std"]
 
@@ -421,42 +420,23 @@ class PEPEmbedding(CompressedEmbedding):
         optimizer-state bytes in each stage, ``peak_training_bytes`` (the larger of the two: what training
         held at most) and the served bytes.
         """
-        from embcompress.training import train  # the loop (and scikit-learn) only when a staged run starts
-
-        schedule = PEPSchedule() if schedule is None else schedule
-        if not isinstance(schedule, PEPSchedule):
-            raise ValueError(f"{self._owner_name()}: schedule must be a PEPSchedule or None, got {schedule!r}")
-        if not any(m is self for m in model.modules()):
-            raise ValueError(f"{self._owner_name()}: fit_staged: the table is not a submodule of the model")
+        schedule = check_staged_start(self, model, schedule, PEPSchedule)
         if self.pruned:
             raise ValueError(f"{self._owner_name()}: fit_staged starts from the unpruned table; this one is "
                              "pruned already")
-
-        def stage_cfg(epochs: int | None, suffix: str):
-            return replace(cfg, epochs=epochs or cfg.epochs,
-                           checkpoint=None if cfg.checkpoint is None else f"{cfg.checkpoint}.{suffix}")
-
-        stages: dict[str, float] = {}
-        start = time.perf_counter()
-        first = train(model, data, stage_cfg(schedule.train_epochs, "train"))
-        stages["train"] = time.perf_counter() - start
-        details: dict[str, Any] = {"train_val_auc": first.val_auc, "train_test_auc": first.test_auc,
-                                   "train_table_bytes": self.memory_report().total_bytes,
-                                   "train_optimizer_bytes": first.table_optimizer_bytes}
-        start = time.perf_counter()
-        details.update(self.prune_())
-        stages["prune"] = time.perf_counter() - start
-        start = time.perf_counter()
-        result = train(model, data, stage_cfg(schedule.retrain_epochs, "retrain"))
-        stages["retrain"] = time.perf_counter() - start
-        details["retrain_table_bytes"] = self.memory_report().total_bytes
-        details["retrain_optimizer_bytes"] = result.table_optimizer_bytes
-        details["serving_bytes"] = self.serving_bytes()
-        # The runner's training bytes: the larger stage (stage 1 holds the thresholds' optimizer state, the
-        # retrain the mask).
-        details["peak_training_bytes"] = max(details["train_table_bytes"] + details["train_optimizer_bytes"],
-                                             details["retrain_table_bytes"] + details["retrain_optimizer_bytes"])
-        return StagedFit(model=model, table=self, result=result, stages=stages, details=details)
+        run = train_compress_retrain(self, model, data, cfg, first=("train", "train", schedule.train_epochs),
+                                     compress=("prune", self.prune_),
+                                     second=("retrain", "retrain", schedule.retrain_epochs))
+        details: dict[str, Any] = {
+            "train_val_auc": run.first.val_auc, "train_test_auc": run.first.test_auc,
+            "train_table_bytes": run.first_bytes, "train_optimizer_bytes": run.first.table_optimizer_bytes,
+            **run.compressed,
+            "retrain_table_bytes": run.second_bytes, "retrain_optimizer_bytes": run.result.table_optimizer_bytes,
+            "serving_bytes": self.serving_bytes(),
+            # the larger stage: stage 1 holds the thresholds' optimizer state, the retrain the mask
+            "peak_training_bytes": run.peak_training_bytes,
+        }
+        return StagedFit(model=model, table=self, result=run.result, stages=run.stages, details=details)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
