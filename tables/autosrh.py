@@ -418,12 +418,6 @@ class AutoSrhEmbedding(CompressedEmbedding):
         return served.to(self.weight.device).set_field_names(self.field_names).eval()
 
     @classmethod
-    def planned_bytes(cls, cardinalities, embedding_dim: int, **options) -> int:
-        """Serving bytes (budgets bind the served table), with the options checked by building on ``meta``."""
-        with torch.device("meta"):
-            return cls(cardinalities, embedding_dim, **options).serving_bytes()
-
-    @classmethod
     def budget_knob(cls, cardinalities, embedding_dim: int, **options) -> BudgetKnob:
         """The knob is ``kept_numbers``, from the narrowest group's width (one pair) to every number; the served
         bytes grow with it."""

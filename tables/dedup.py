@@ -371,12 +371,6 @@ class DedupEmbedding(CompressedEmbedding):
         return served.set_field_names(self.field_names).eval()
 
     @classmethod
-    def planned_bytes(cls, cardinalities, embedding_dim: int, **options) -> int:
-        """Serving bytes (budgets bind the served table), with the options checked by building on ``meta``."""
-        with torch.device("meta"):
-            return cls(cardinalities, embedding_dim, **options).serving_bytes()
-
-    @classmethod
     def budget_knob(cls, cardinalities, embedding_dim: int, **options) -> BudgetKnob:
         """The knob is ``kept_blocks``, from 1 to every block; bytes grow with it (the remap dtype in steps)."""
         cards = as_cardinalities(cardinalities, owner=cls)

@@ -274,12 +274,6 @@ class DPQEmbedding(CompressedEmbedding):
         return served.set_field_names(self.field_names).eval()
 
     @classmethod
-    def planned_bytes(cls, cardinalities: int | Sequence[int], embedding_dim: int, **options) -> int:
-        """Serving bytes (budgets bind the served table), with the options checked by building on ``meta``."""
-        with torch.device("meta"):
-            return cls(cardinalities, embedding_dim, **options).serving_bytes()
-
-    @classmethod
     def budget_knob(cls, cardinalities, embedding_dim: int, **options) -> BudgetKnob:
         # Searched over 1..D, built at the largest divisor of D not above the value: bytes are a step function.
         return BudgetKnob("parts", 1, embedding_dim, lambda v: {"parts": _divisor_at_most(embedding_dim, v)})

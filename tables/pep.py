@@ -389,12 +389,6 @@ class PEPEmbedding(CompressedEmbedding):
         return served.set_field_names(self.field_names).eval()
 
     @classmethod
-    def planned_bytes(cls, cardinalities, embedding_dim: int, **options) -> int:
-        """Serving bytes (budgets bind the served table), with the options checked by building on ``meta``."""
-        with torch.device("meta"):
-            return cls(cardinalities, embedding_dim, **options).serving_bytes()
-
-    @classmethod
     def budget_knob(cls, cardinalities, embedding_dim: int, **options) -> BudgetKnob:
         """The knob is ``kept_numbers``, from 1 to every number; served bytes grow with it."""
         cards = as_cardinalities(cardinalities, owner=cls)
