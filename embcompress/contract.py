@@ -317,6 +317,12 @@ class CompressedEmbedding(nn.Module):
         own learning rate instead of the model's optimizer; none by default."""
         return []
 
+    def undecayed_parameters(self) -> list[nn.Parameter]:
+        """Parameters the training loop never applies ``embedding_weight_decay`` to: learned thresholds and
+        architecture weights, whose values decide what is kept (decay would pull them all one way); none by
+        default."""
+        return []
+
     def regularization_loss(self) -> torch.Tensor | None:
         """A term the training loop adds to the loss (a scalar tensor), or None; none by default."""
         return None

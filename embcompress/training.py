@@ -114,6 +114,7 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     sparse_ids = {id(p) for p in sparse} | own_ids
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_params]
     table_dense = [p for t in tables for p in t.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    undecayed = {id(p) for t in tables for p in t.undecayed_parameters()}
     emb_lr = cfg.embedding_lr or cfg.lr
     if cfg.embedding_weight_decay and any(t.trains_rows_itself() for t in tables):
         raise ValueError(f"embedding_weight_decay={cfg.embedding_weight_decay}: rows held at low precision "
@@ -126,7 +127,9 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
         )
     groups = [
         {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": table_dense, "lr": emb_lr, "weight_decay": cfg.embedding_weight_decay},
+        {"params": [p for p in table_dense if id(p) not in undecayed], "lr": emb_lr,
+         "weight_decay": cfg.embedding_weight_decay},
+        {"params": [p for p in table_dense if id(p) in undecayed], "lr": emb_lr, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     # Parameters a table asks to update with plain SGD at their own rate (OptEmbed's thresholds), and rows it

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embcompress.contract import (
-    BudgetError, CompressedEmbedding, as_cardinalities, check_bool, check_int_list, check_number, check_per_field,
+    BudgetError, CompressedEmbedding, check_bool, check_int_list, check_number, check_per_field,
     check_positive_int, resolve_init_std,
 )
 from embcompress.optembed import StagedFit, replace_table
@@ -334,6 +334,11 @@ class AutoDimEmbedding(CompressedEmbedding):
         self.init_std = resolve_init_std(init_std, D, owner=self)
         check_number("budget_bytes", budget_bytes, positive=True, optional=True, owner=self)
         self.budget_bytes = None if budget_bytes is None else self._check_budget(budget_bytes)
+        floor = _minimum_bytes(self.cardinalities, D, cands)
+        if self.budget_bytes is not None and floor > self.budget_bytes:  # refused now, not at the first choice
+            raise BudgetError(
+                f"{_NAME}: a budget of {self.budget_bytes:,} bytes is under the smallest table it serves (every "
+                f"field at its cheapest candidate width of {list(cands)}): minimum budget {floor:,} bytes")
         self.set_temperature_schedule(decay=AutoDimSchedule().temperature_decay * _DEFAULT_BATCH,
                                       min_temperature=AutoDimSchedule().min_temperature)
 
@@ -422,6 +427,9 @@ class AutoDimEmbedding(CompressedEmbedding):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return list(self.tables) if self.sparse else []
 
+    def undecayed_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
     # ------------------------------------------------------------------------------------ choice & budget
     def chosen_dims(self) -> list[int]:
         """The width of every field the served table gets now (:func:`choose_dims` on
@@ -451,14 +459,6 @@ class AutoDimEmbedding(CompressedEmbedding):
         minimum when even every field at its cheapest candidate is over it."""
         check_table_options(cls, {**options, "budget_bytes": budget_bytes}, f"{_NAME}.from_budget")
         budget = min(cls._check_budget(budget_bytes), cls.budget_ceiling(cardinalities, embedding_dim))
-        cards = as_cardinalities(cardinalities, owner=cls)
-        cands = check_int_list("candidates", options.get("candidates"), lo=1, optional=True, owner=cls)
-        cands = default_candidates(embedding_dim) if cands is None else cands
-        floor = _minimum_bytes(cards, embedding_dim, cands)
-        if floor > budget:
-            raise BudgetError(
-                f"{_NAME}: a budget of {budget:,} bytes is under the smallest table it serves (every field at its "
-                f"cheapest candidate width of {list(cands)}): minimum budget {floor:,} bytes")
         return cls(cardinalities, embedding_dim, budget_bytes=budget, **options)
 
     def export(self, precision: str | None = None) -> "AutoDimServed":

@@ -351,6 +351,9 @@ class AutoSrhEmbedding(CompressedEmbedding):
             return []
         return [self.weight] if self.pruned else [self.weight, self.alpha]
 
+    def undecayed_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]  # its L1 is the search's own term (alpha_l1)
+
     # --------------------------------------------------------------------------------------------- pruning
     @torch.no_grad()
     def prune_(self) -> dict:

@@ -310,11 +310,16 @@ class PEPEmbedding(CompressedEmbedding):
         rows = ids + self.offsets[fields]
         v = F.embedding(rows, self.weight, sparse=self.sparse)
         if self.pruned:  # a pruned number is 0 and gets no gradient: it stays exactly 0
-            return v * _unpack_bits(self.mask[rows], self.embedding_dim).to(v.dtype)
-        return soft_threshold(v, self._thresholds_for(fields))
+            out = v * _unpack_bits(self.mask[rows], self.embedding_dim).to(v.dtype)
+        else:
+            out = soft_threshold(v, self._thresholds_for(fields))
+        return out if self.training else out + 0.0  # eval: -0.0 reads +0.0, as the sparse rows return it
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.weight] if self.sparse else []
+
+    def undecayed_parameters(self) -> list[nn.Parameter]:
+        return [self.threshold]
 
     # ------------------------------------------------------------------------------------------------ pruning
     @torch.no_grad()

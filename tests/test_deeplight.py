@@ -174,6 +174,7 @@ def test_export_serves_the_pruned_tables_outputs_bit_for_bit_in_the_smallest_for
     assert served.memory_report().total_bytes == t.serving_bytes() == size + 2 * 8  # actual, after
     ids = ids_for(t, batch=3000)
     assert torch.equal(served(ids), t.eval()(ids)) and torch.equal(served(ids), t.train()(ids))
+    assert torch.equal(served(ids).signbit(), t.eval()(ids).signbit())  # a pruned number is +0.0 in both
     values, lengths, weights = bags_for(t)
     for mode in ("sum", "mean"):
         assert torch.equal(served.forward_bags(values, lengths, mode=mode, weights=weights),

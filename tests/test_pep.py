@@ -204,6 +204,7 @@ def test_export_serves_the_retrained_table_bit_for_bit_in_exact_bytes(cards, dim
     t.prune_()
     with torch.no_grad():  # as if retrained: the kept numbers moved (sparse Adam would only touch those)
         t.weight.mul_(1.5)
+        t.weight.sub_(1e-3 * (t.weight == 0))  # masked out whatever they hold: their outputs still read +0.0
     served = t.export()
     assert isinstance(served, PEPExport) and isinstance(served.rows, SparseRows) and not served.training
     assert served.rows.format == fmt and served.rows.nnz == kept
@@ -216,6 +217,7 @@ def test_export_serves_the_retrained_table_bit_for_bit_in_exact_bytes(cards, dim
     if t.single:
         ids = ids[:, 0]
     assert torch.equal(served(ids), t.eval()(ids)) and torch.equal(served(ids), t.train()(ids))
+    assert torch.equal(served(ids).signbit(), t.eval()(ids).signbit())  # a pruned number is +0.0 in both
     if not t.single:
         values, lengths = bags_for(t, batch=40)
         for mode in ("sum", "mean"):

@@ -102,6 +102,21 @@ def test_embedding_learning_rate_and_weight_decay_groups(data):
                         TrainConfig(embedding_weight_decay=1e-3))
 
 
+@pytest.mark.parametrize("spec, undecayed", [
+    ({"type": "pep.v1", "kept_numbers": 100}, "threshold"),
+    ({"type": "autosrh.v1", "kept_numbers": 100}, "alpha"),
+    ({"type": "autodim.v1"}, "alpha"),
+])
+def test_embedding_weight_decay_spares_learned_thresholds_and_architecture_weights(data, spec, undecayed):
+    table = build_table(spec, data.cardinalities, 8)
+    model = build_model(SMALL_MODEL, table, data.num_dense)
+    opts = make_optimizers(model, TrainConfig(embedding_weight_decay=1e-3))  # AutoDim's clock is one more
+    decay = {id(p): g.get("weight_decay") for o in opts for g in getattr(o, "param_groups", ()) for p in g["params"]}
+    assert decay[id(getattr(table, undecayed))] == 0.0  # decay would pull every threshold / logit one way
+    rows = table.tables[0] if spec["type"] == "autodim.v1" else table.weight
+    assert decay[id(rows)] == 1e-3
+
+
 def test_checkpoint_round_trip_gives_identical_predictions(data, tmp_path):
     from embcompress.training import predict
 
