@@ -260,11 +260,30 @@ def _coverage(records: list[dict], rows: list[dict]) -> list[str]:
     for model in dict.fromkeys(r.get("model", "") for r in records):
         methods = [m for m in dict.fromkeys(r.get("method") for r in records if r.get("model", "") == model)
                    if any((model, m, t) in tried for t in targets)]
+        times = _relative_times(records, model)
         lines += ["", f"Test AUC by method and budget{f' ({model})' if model else ''}; 'no': not reachable "
-                      "(see FAILED below):", ""]
-        lines += ["| method | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
+                      "(see FAILED below)" + ("; time: the method's training (every stage with its evaluations) "
+                                             "over one full-table training, mean over its budgets and seeds"
+                                             if times else "") + ":", ""]
+        time_head, time_rule = (" time |", "|---") if times else ("", "")
+        lines += ["| method | " + " | ".join(f"{t:g}x" for t in targets) + f" |{time_head}",
+                  "|---" * (len(targets) + 1) + f"{time_rule}|"]
         for m in methods:
             cells = [f"{auc[(model, m, t)]:.4f}" if (model, m, t) in auc else "no" if (model, m, t) in tried else ""
                      for t in targets]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            time_cell = f" {times[m]:.2f}x |" if m in times else " |" if times else ""
+            lines.append(f"| {m} | " + " | ".join(cells) + f" |{time_cell}")
     return lines
+
+
+def _relative_times(records: list[dict], model: str) -> dict[str, float]:
+    """Each method's mean ``wall_seconds`` (training with every stage and evaluation) over the full table's, for
+    ``model``'s finished runs; empty without a full-table run (ratio 1, no budget) that recorded its time."""
+    finished = [r for r in records if r.get("status") == "ok" and r.get("model", "") == model
+                and finite(r.get("wall_seconds"))]
+    full = _mean([r for r in finished if r.get("target_ratio") is None and finite(r.get("ratio"))
+                  and r["ratio"] <= 1.001], "wall_seconds")
+    if not (math.isfinite(full) and full > 0):
+        return {}
+    methods = dict.fromkeys(r.get("method") for r in finished)
+    return {m: _mean([r for r in finished if r.get("method") == m], "wall_seconds") / full for m in methods}

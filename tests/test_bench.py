@@ -143,6 +143,11 @@ def test_report_numbers_are_recomputed_from_the_jsonl(tmp_path, capsys):
         method = max((m for m, t in means if t == target), key=lambda m: means[(m, target)])
         assert f"| {target:g}x | {method} |" in report
     assert "| frequent | " in report.split("Test AUC by method and budget")[1]
+    full_wall = np.mean([r["wall_seconds"] for r in groups[("full", None)]])
+    wall = np.mean([r["wall_seconds"] for (m, _), rs in groups.items() if m == "frequent" for r in rs])
+    row = next(line for line in report.split("Test AUC by method and budget")[1].splitlines()
+               if line.startswith("| frequent | "))
+    assert row.endswith(f"| {wall / full_wall:.2f}x |"), row  # over the full table's, every budget it reached
     assert report.count("FAILED: frequent at 1000x (dlrm.v1; seeds 0, 1): BudgetError") == 1
 
 
