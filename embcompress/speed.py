@@ -169,14 +169,18 @@ _COMPRESS_UNTRAINED = {
     "dedup.v1": lambda t: t.dedup_(),
     "pep.v1": lambda t: t.prune_(),
     "deeplight.v1": lambda t: t.prune_(),
+    "autosrh.v1": lambda t: t.prune_(),
 }
 
 
 def _served_table(table, budget: float) -> nn.Module:
     """What ``table`` serves: a staged table's export at the budget (its search is not run here), the export of
-    one that serves another table (rows at a lower precision, codes and codebooks), or the table itself."""
+    one that serves another table (rows at a lower precision, codes and codebooks), a supernet's table of the
+    widths it would choose now (AutoDim), or the table itself."""
     if getattr(table, "registry_name", "") == "optembed.v1":  # its search would pick the rows; not run here
         return _export_at_budget(table, budget)
+    if hasattr(table, "served_table"):
+        table = table.served_table()
     return table.export() if table.serving_bytes() is not None else table
 
 
