@@ -37,7 +37,8 @@ from torch import nn
 
 from .budget import BudgetError, BudgetKnob, check_budget, solve_budget
 from .config_state import FORMAT, check_saved_options, recording_init
-from .memory import MemoryReport, baseline_bytes, full_table_bytes, measure
+from .fused import FusedLearningRate, FusedRows
+from .memory import MemoryReport, baseline_bytes, full_table_bytes, measure, tensor_bytes
 from .lowp import TRAINABLE_PRECISIONS, CapturesRowGradients, QuantizedRowOptimizer, TrainedRows
 from .quantize import QuantizedRows, check_precision, fake_quantize_rows, quantized_bytes, row_bytes
 from .specs import check_table_options
@@ -341,12 +342,14 @@ class CompressedEmbedding(nn.Module):
         With a ``precision`` other than fp32 the served table is :meth:`export`'s: the stored bytes with every
         fp32 row table counted at its precision. Staged methods override it: OptEmbed's supernet serves its
         compact export."""
-        masters = [t for t in self._row_tables().values() if isinstance(t, torch.Tensor)]
-        if self.precision == "fp32" or not masters:
+        masters = [t for t in self._row_tables().values() if isinstance(t, (torch.Tensor, FusedRows))]
+        fused = [t for t in masters if isinstance(t, FusedRows)]
+        if self.precision == "fp32" and not fused or not masters:
             return None
-        stored = measure(self, 0).total_bytes
+        # A fused kernel's metadata is not served: its export holds the rows alone.
+        stored = measure(self, 0).total_bytes - sum(tensor_bytes(b) for t in fused for b in t.stored_tensors()[1])
         return stored + sum(quantized_bytes(t.shape[0], t.shape[1], self.served_precision(t.shape[1]))
-                            - t.numel() * t.element_size() for t in masters)
+                            - t.shape[0] * t.shape[1] * 4 for t in masters)
 
     # ---------------------------------------------------------------------------------------- row precision
     def served_precision(self, width: int) -> str:
@@ -362,7 +365,22 @@ class CompressedEmbedding(nn.Module):
 
     def _after_init(self) -> None:
         """With ``train_quantized``, replace each fp32 row table by :class:`~embcompress.lowp.TrainedRows` at the
-        table's precision (one that :meth:`served_precision` keeps fp32, being too narrow, stays a parameter)."""
+        table's precision (one that :meth:`served_precision` keeps fp32, being too narrow, stays a parameter);
+        with ``fused_optimizer``, by :class:`~embcompress.fused.FusedRows` (fbgemm's kernel, the update fused into
+        backward)."""
+        fused = getattr(self, "fused_optimizer", None)
+        if fused is not None:
+            if self.train_quantized:
+                raise self._fail(f"fused_optimizer={fused!r} trains fp32 rows in fbgemm's kernel; train_quantized "
+                                 "holds them at low precision with its own optimizer: choose one")
+            for name, table in self._row_tables().items():
+                # fbgemm's kernel takes widths that are multiples of 4: a narrower table (hash embedding's
+                # importance weights, mixed dimension's 1- and 2-wide rows) stays an autograd parameter.
+                if isinstance(table, nn.Parameter) and table.shape[1] % 4 == 0:
+                    parent, leaf = _holder(self, name)
+                    del parent._parameters[leaf]
+                    setattr(parent, leaf, FusedRows(table.detach(), optimizer=fused))
+            return
         if not self.train_quantized:
             return
         if self.precision not in TRAINABLE_PRECISIONS:
@@ -377,7 +395,7 @@ class CompressedEmbedding(nn.Module):
     def trains_rows_itself(self) -> bool:
         """True when rows of this table train outside autograd's parameters (``train_quantized``, ALPT): its
         :meth:`row_optimizers` update them, in one process."""
-        return any(isinstance(m, CapturesRowGradients) for m in self.modules())
+        return any(isinstance(m, (CapturesRowGradients, FusedRows)) for m in self.modules())
 
     def row_optimizers(self, lr: float, *, seed: int = 0) -> list[torch.optim.Optimizer]:
         """Optimizers the table brings, which the training loop steps after the model's: those of the rows it
@@ -385,7 +403,9 @@ class CompressedEmbedding(nn.Module):
         and per-step work that must follow an update (DeepLight's pruning ramp, AutoDim's temperature); none by
         default. A custom training loop steps them too."""
         stores = [t for t in self._row_tables().values() if isinstance(t, TrainedRows)]
-        return [QuantizedRowOptimizer(stores, lr=lr, seed=seed)] if stores else []
+        fused = [t for t in self._row_tables().values() if isinstance(t, FusedRows)]
+        return ([QuantizedRowOptimizer(stores, lr=lr, seed=seed)] if stores else []) + \
+            ([FusedLearningRate(fused, lr=lr)] if fused else [])
 
     def read_rows(self, table: "torch.Tensor | QuantizedRows", rows: torch.Tensor) -> torch.Tensor:
         """Rows ``[*rows.shape, width]`` of one of :attr:`row_parameters`, as the method's ``embed`` reads them.
@@ -396,7 +416,10 @@ class CompressedEmbedding(nn.Module):
         """
         if isinstance(table, QuantizedRows):
             return table.lookup(rows)
-        out = F.embedding(rows, table, sparse=getattr(self, "sparse", False))
+        if isinstance(table, FusedRows):
+            out = table.lookup(rows)
+        else:
+            out = F.embedding(rows, table, sparse=getattr(self, "sparse", False))
         if self.precision != "fp32" and not self.training:
             out = fake_quantize_rows(out, self.served_precision(table.shape[1]))
         return out
@@ -427,11 +450,15 @@ class CompressedEmbedding(nn.Module):
                 continue
             if isinstance(table, QuantizedRows):  # another precision: from the values it serves
                 table = table.dequantized()
-            setattr(parent, leaf, QuantizedRows(table.detach(), at))
+            rows = table.weight if isinstance(table, FusedRows) else table
+            setattr(parent, leaf, QuantizedRows(rows.detach(), at))
         for p in served.parameters():
             p.requires_grad_(False)
         if "precision" in served._saved_options:
             served._saved_options = {**served._saved_options, "precision": precision}
+        if "fused_optimizer" in served._saved_options:  # frozen plain rows, served by any backend
+            served._saved_options = {**served._saved_options, "fused_optimizer": None}
+            served.fused_optimizer = None
         if "train_quantized" in served._saved_options:  # the export is frozen: its rows no longer train
             served._saved_options = {**served._saved_options, "train_quantized": False}
             served.train_quantized = False

@@ -141,9 +141,19 @@ def measure(module: nn.Module, baseline: int, *, optimizers: Iterable[torch.opti
 
     Works on modules built on the ``meta`` device too, so a size can be known before memory is allocated.
     """
+    # Rows held by a fused kernel (embcompress.fused.FusedRows) are not the module's parameters: each such
+    # module lists what it holds, its optimizer state apart.
+    rows, held, state = [], [], []
+    for m in module.modules():
+        if hasattr(m, "stored_tensors"):
+            r, b, s = m.stored_tensors()
+            rows, held, state = rows + r, held + b, state + s
+    optimizer_state = Counter(optimizer_state_bytes(optimizers, itertools.chain(module.parameters(),
+                                                                              module.buffers())))
+    optimizer_state.update(_by_dtype(state))
     return MemoryReport(
-        parameters=_by_dtype(module.parameters()), buffers=_by_dtype(module.buffers()), baseline_bytes=baseline,
+        parameters=_by_dtype(itertools.chain(module.parameters(), rows)),
+        buffers=_by_dtype(itertools.chain(module.buffers(), held)), baseline_bytes=baseline,
         # Buffers too: rows held quantized are buffers, their optimizer's state keyed by them (embcompress.lowp).
-        optimizer_state=optimizer_state_bytes(optimizers, itertools.chain(module.parameters(), module.buffers())),
-        serving=serving,
+        optimizer_state=dict(optimizer_state), serving=serving,
     )

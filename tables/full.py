@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import BudgetKnob, CompressedEmbedding, check_bool, init_rows_, resolve_init_std
 from embcompress.quantize import check_precision
 from embcompress.registry import TABLES
@@ -44,12 +45,14 @@ class FullEmbedding(CompressedEmbedding):
         self, cardinalities: int | Sequence[int], embedding_dim: int, *, sparse: bool = False,
         precision: str = "fp32",
         train_quantized: bool = False,
+        fused_optimizer: str | None = None,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
         self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
+        self.fused_optimizer = check_fused_optimizer(fused_optimizer, owner=self)
         self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.weight = nn.Parameter(init_rows_(torch.empty(sum(self.cardinalities), embedding_dim), self.init_std))
         offsets = list(itertools.accumulate(self.cardinalities, initial=0))[:-1]

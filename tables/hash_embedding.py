@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, resolve_init_std,
 )
@@ -101,6 +102,7 @@ class HashEmbedding(CompressedEmbedding):
         sparse: bool = False,
         precision: str = "fp32",
         train_quantized: bool = False,
+        fused_optimizer: str | None = None,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -112,6 +114,7 @@ class HashEmbedding(CompressedEmbedding):
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
         self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
+        self.fused_optimizer = check_fused_optimizer(fused_optimizer, owner=self)
         if append_weights and not weights:
             raise self._fail("append_weights=True needs weights=True: there are no importance weights to append")
         seed = check_seed(seed, owner=self)

@@ -35,6 +35,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_int, check_per_field, check_positive_int,
     check_seed, init_rows_, resolve_init_std,
@@ -99,6 +100,7 @@ class HashingEmbedding(CompressedEmbedding):
         sparse: bool = False,
         precision: str = "fp32",
         train_quantized: bool = False,
+        fused_optimizer: str | None = None,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -108,6 +110,7 @@ class HashingEmbedding(CompressedEmbedding):
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
         self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
+        self.fused_optimizer = check_fused_optimizer(fused_optimizer, owner=self)
         hash_small_fields = check_bool("hash_small_fields", hash_small_fields, owner=self)
         self.frequent = check_int("frequent", frequent, lo=0, owner=self)  # dedicated rows per field
         if self.frequent and self.shared:

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_number, check_positive_int, init_rows_,
     resolve_init_std,
@@ -315,12 +316,14 @@ class MixedDimEmbedding(CompressedEmbedding):
         sparse: bool = False,
         precision: str = "fp32",
         train_quantized: bool = False,
+        fused_optimizer: str | None = None,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
         check_number("scale", scale, lo=0, owner=self)  # required here (from_budget solves it)
         self.precision = check_precision(precision, owner=self)
         self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
+        self.fused_optimizer = check_fused_optimizer(fused_optimizer, owner=self)
         _check_options(scale, alpha, blocks_per_field, round_dims, sparse, owner=self)
         self.init_std = resolve_init_std(init_std, embedding_dim, owner=self)
         self.scale, self.alpha = float(scale), float(alpha)

@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_choice, check_int, check_per_field,
     init_rows_, resolve_init_std,
@@ -180,6 +181,7 @@ class QREmbedding(CompressedEmbedding):
         sparse: bool = False,
         precision: str = "fp32",
         train_quantized: bool = False,
+        fused_optimizer: str | None = None,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -191,6 +193,7 @@ class QREmbedding(CompressedEmbedding):
         self.threshold, self.sparse = int(threshold), check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
         self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
+        self.fused_optimizer = check_fused_optimizer(fused_optimizer, owner=self)
         dims = sub_dims(embedding_dim, k, operation)
         wide = embedding_dim % k if operation == "concat" else 0  # partitions 0..wide-1 live in weight_wide
         self.num_wide = wide

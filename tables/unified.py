@@ -30,6 +30,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, init_rows_, resolve_init_std,
 )
@@ -85,6 +86,7 @@ class UnifiedEmbedding(CompressedEmbedding):
         sparse: bool = False,
         precision: str = "fp32",
         train_quantized: bool = False,
+        fused_optimizer: str | None = None,
         init_std: float | None = None,
     ) -> None:
         super().__init__(cardinalities, embedding_dim)
@@ -106,6 +108,7 @@ class UnifiedEmbedding(CompressedEmbedding):
         self.sparse = check_bool("sparse", sparse, owner=self)
         self.precision = check_precision(precision, owner=self)
         self.train_quantized = check_bool("train_quantized", train_quantized, owner=self)
+        self.fused_optimizer = check_fused_optimizer(fused_optimizer, owner=self)
         self.chunk_dim = self.embedding_dim // self.chunks
         # Chunks are entries of the output, so each starts at init_std itself.
         self.weight = nn.Parameter(init_rows_(torch.empty(self.num_tables * self.num_buckets, self.chunk_dim),
