@@ -270,17 +270,18 @@ class QREmbedding(CompressedEmbedding):
             return parts
         if self._all_full:
             return self.read_rows(self.weight, self.partition_rows(ids, fields)[..., 0])
-        g = self.read_rows(self.weight, self._rows_partition_first(ids, fields))  # [k, ..., D]
-        if self.operation == "add":
-            out = g.sum(0)
-        else:  # explicit products: torch.prod's backward takes a slower zero-safe path
-            out = g[0]
-            for j in range(1, self.partitions):
-                out = out * g[j]
+        # unbind, not g[j]: each select's backward would write a zero-filled copy of the whole [k, ..., D] block.
+        first, *rest = self.read_rows(self.weight, self._rows_partition_first(ids, fields)).unbind(0)
+        add = self.operation == "add"
         if self._mask_full:
-            # Full fields take their partition-0 row alone: an exact select (the row bit for bit, even where the
-            # composed branch overflows), with no gradient through the composed branch.
-            out = torch.where(self.full[fields].unsqueeze(-1), g[0], out)
+            # Full fields take their partition-0 row alone: the other partitions' rows are replaced by the
+            # operation's exact identity (x * 1.0 and x + -0.0 are x bit for bit, -0.0 and overflow included), so
+            # they get no gradient; masking these [..., D] factors is cheaper than selecting the result.
+            full = self.full[fields].unsqueeze(-1)
+            rest = [torch.where(full, -0.0 if add else 1.0, g) for g in rest]
+        out = first
+        for g in rest:  # explicit products: torch.prod's backward takes a slower zero-safe path
+            out = out + g if add else out * g
         return out
 
     def sparse_parameters(self) -> list[nn.Parameter]:
