@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import os
 import sys
@@ -97,6 +98,10 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
     suite_path = Path(args.suite) if args.suite else Path(__file__).resolve().parent.parent / "benchmarks" / "speed.yaml"
     suite = load_speed_suite(suite_path)
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise SystemExit(f"--batch-size must be a positive integer, got {args.batch_size}")
+        suite = dataclasses.replace(suite, batch_size=args.batch_size)
     out = Path(args.out or Path("results") / f"{suite.name}-{args.device}")
     out.mkdir(parents=True, exist_ok=True)
     records = run_speed(suite, device=args.device, progress=not args.quiet)
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.set_defaults(func=cmd_bench_report)
     p_speed = bench.add_parser("speed", parents=[run_opts], help="training and inference speed of the tables")
     p_speed.add_argument("suite", nargs="?", help="speed suite YAML (default: benchmarks/speed.yaml)")
+    p_speed.add_argument("--batch-size", type=int, help="time at this batch size instead of the suite's")
     p_speed.set_defaults(func=cmd_bench_speed)
 
     p_data = sub.add_parser("data", help="prepare data sets: criteo, csv")

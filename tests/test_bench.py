@@ -221,11 +221,26 @@ def test_speed_suite_rejects_an_unknown_optimizer(tmp_path):
         load_speed_suite(path)
 
 
-def test_committed_speed_suite_is_valid():
+def test_committed_speed_suites_are_valid():
     from embcompress.speed import load_speed_suite
 
     suite = load_speed_suite(default_suite_path().parent / "speed.yaml")
     assert any(spec["type"] == "full.v1" and spec.get("sparse") for spec in (m.table for m in suite.methods))
+    gpu = load_speed_suite(default_suite_path().parent / "speed_gpu.yaml")
+    assert {m.table.get("fused_optimizer") for m in gpu.methods} == {None, "adam"}
+
+
+def test_speed_cli_takes_another_batch_size_and_times_fused_rows(tmp_path, capsys):
+    pytest.importorskip("fbgemm_gpu")
+    path = tmp_path / "speed.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "batch_size": 256, "cardinality_divisor": 2000, "steps": 2, "repeats": 2, "torchrec": False,
+        "methods": [{"name": "hashing fused", "table": {"type": "hashing.v1", "fused_optimizer": "sgd"},
+                     "compression": 8}],
+    }))
+    assert main(["bench", "speed", str(path), "--batch-size", "96", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert report.count("Batch 96,") == 1 and "| hashing fused | 8x |" in report
 
 
 def _suite_with_runs(tmp_path, n_ratios=4):
