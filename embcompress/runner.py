@@ -74,14 +74,16 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     wall = time.perf_counter() - start  # every stage with its evaluations, beside train_seconds (steps only)
     # Training bytes: the table that trained (a staged method's supernet, not its export), stored, plus the state
     # its optimizers held at the end of training (the last stage's); serving bytes: the table that is served.
-    trained = table.memory_report().total_bytes + result.table_optimizer_bytes
+    # A fused kernel's optimizer state is the table's own: in its memory report with no optimizer given.
+    optimizer_state = table.memory_report().optimizer_state_bytes + result.table_optimizer_bytes
+    trained = table.memory_report().total_bytes + optimizer_state
     # A stage that held more than the last one (dedup's full table before it merged blocks) says so.
     trained = max(trained, staged.get("stages", {}).get("peak_training_bytes", 0))
     return {
         **_run_fields(suite, run), "embedding_dim": dim, "device": device, "model_spec": run.model.spec,
         "dense_parameters": dense_parameters,
         "bytes": report.serving_bytes, "serving_bytes": report.serving_bytes,
-        "training_bytes": trained, "optimizer_state_bytes": result.table_optimizer_bytes,
+        "training_bytes": trained, "optimizer_state_bytes": optimizer_state,
         "parameter_bytes": report.parameter_bytes, "buffer_bytes": report.buffer_bytes,
         "baseline_bytes": report.baseline_bytes, "ratio": report.ratio,
         "test_auc": result.test_auc, "test_logloss": result.test_logloss,

@@ -148,3 +148,23 @@ def test_a_fused_table_trains_a_model_in_the_training_loop():
     assert result.table_optimizer_bytes == 0  # its state is the table's own (counted in its memory report)
     with pytest.raises(ValueError, match="embedding_weight_decay"):
         make_optimizers(model, TrainConfig(embedding_weight_decay=0.1))
+
+
+def test_the_runner_counts_a_fused_tables_optimizer_state_in_its_training_bytes(tmp_path):
+    import json
+
+    import yaml
+
+    from embcompress.cli import main
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "data": {"synthetic": {"rows": 6000}}, "embedding_dim": 8, "reference": False,
+        "model": {"type": "lr.v1"}, "train": {"epochs": 1, "batch_size": 512, "optimizer": "adagrad"}, "seeds": [0],
+        "methods": [{"name": "hashing", "table": {"type": "hashing.v1", "fused_optimizer": "rowwise_adagrad"},
+                     "compression": [8]}]}))
+    assert main(["bench", "run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    rows = record["parameter_bytes"] // (8 * 4)  # the fp32 rows of width 8, held by the kernel
+    assert record["optimizer_state_bytes"] == rows * 4 > 0  # one fp32 sum a row
+    assert record["training_bytes"] > record["serving_bytes"] + record["optimizer_state_bytes"]  # + metadata
