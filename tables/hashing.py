@@ -179,8 +179,9 @@ class HashingEmbedding(CompressedEmbedding):
         # Ids with their own row gather it twice (the copy is zeroed), so no index leaves the field's rows.
         second = torch.where(own_row, ids, hashed[..., 1])
         rows = torch.stack([first, second], dim=-1) + offsets.unsqueeze(-1)
-        vectors = self.read_rows(self.weight, rows)
-        return vectors[..., 0, :] + vectors[..., 1, :] * (~own_row).unsqueeze(-1).to(vectors.dtype)
+        # unbind, not [..., j, :]: each select's backward would write a zero-filled copy of the whole block
+        first_vec, second_vec = self.read_rows(self.weight, rows).unbind(-2)
+        return first_vec + second_vec * (~own_row).unsqueeze(-1).to(second_vec.dtype)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.weight] if self.sparse else []

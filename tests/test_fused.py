@@ -21,6 +21,8 @@ SPECS = {
     "qr": {"type": "qr.v1", "collisions": 8},
     "unified": {"type": "unified.v1", "num_buckets": 150, "chunks": 2},
     "hash-embedding": {"type": "hash_embedding.v1", "num_buckets": 64},
+    "hash-embedding-appended": {"type": "hash_embedding.v1", "num_buckets": 64, "append_weights": True},
+    "hash-embedding-unweighted": {"type": "hash_embedding.v1", "num_buckets": 64, "weights": False},
     "mixed-dim": {"type": "mixed_dim.v1", "scale": 16, "alpha": 0.3, "round_dims": True},  # widths 2, 4, 8
 }
 

@@ -335,3 +335,22 @@ def test_buckets_uniform_on_high_ids():
     mean = 50_000 / 50
     assert counts.min().item() >= 0.8 * mean
     assert counts.max().item() <= 1.2 * mean
+
+
+def _torch_mix64(z: torch.Tensor) -> torch.Tensor:  # the formula in torch's int64 ops: the path off the CPU
+    z = z + hashing.GOLDEN_GAMMA
+    z = (z ^ hashing._shr(z, 30)) * hashing._MUL1
+    z = (z ^ hashing._shr(z, 27)) * hashing._MUL2
+    return z ^ hashing._shr(z, 31)
+
+
+def test_cpu_words_match_the_torch_formula_bit_for_bit():
+    x = ids_tensor(EDGE_IDS + _random_ids(500, seed=4)).view(-1, 1).expand(-1, 3)
+    assert torch.equal(hashing.mix64(x), _torch_mix64(x))
+    assert torch.equal(hashing.mix64(x[0, 0]), _torch_mix64(x[0, 0]))  # a 0-d word
+    seeds = ids_tensor(_random_ids(3, seed=5))
+    moduli = torch.tensor([7, 2**31 - 1, 2**62 + 5])
+    expected = (_torch_mix64(x ^ _torch_mix64(seeds)) & ((1 << 63) - 1)) % moduli
+    assert torch.equal(hashing.bucket(x, seeds, moduli), expected)
+    assert torch.equal(hashing.bucket(x.t(), seeds.view(3, 1), moduli.view(3, 1)), expected.t())  # strided
+    assert hashing.bucket(x.to("meta"), seeds.to("meta"), moduli.to("meta")).shape == expected.shape
