@@ -152,6 +152,7 @@ class CompressedEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.field_names: tuple[str, ...] = tuple(f"field{i}" for i in range(self.num_fields))
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bounded: dict[torch.device, str] = {}
 
     # ----------------------------------------------------------------------------------------------- layout
     @property
@@ -180,7 +181,17 @@ class CompressedEmbedding(nn.Module):
                 torch.arange(self.num_fields, device=device),
                 torch.tensor(limits, dtype=torch.int64, device=device),
             )
+            # Which fields have an upper bound: none, all or some (the check then skips what it need not do).
+            bounded = sum(n >= 0 for n in limits)
+            self._bounded[device] = "none" if not bounded else "all" if bounded == len(limits) else "some"
         return self._device_cache[device]
+
+    def per_field(self, values: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """``values[fields]`` for a ``[F, ...]`` per-field buffer; for the forward's own field positions (one id
+        per field, in order) the buffer itself, which broadcasts the same and saves a gather per call."""
+        if fields is self._device_cache.get(fields.device, (None,))[0] and values.shape[0] == self.num_fields:
+            return values
+        return values[fields]
 
     # ------------------------------------------------------------------------------------------- validation
     def _fail(self, msg: str, error: type[ValueError] = ValueError) -> ValueError:
@@ -201,8 +212,10 @@ class CompressedEmbedding(nn.Module):
             return ids
         _, limits = self._consts(ids.device)
         bad = ids < 0
-        lim = limits[fields]
-        bad |= (lim >= 0) & (ids >= lim)
+        bounded = self._bounded[ids.device]
+        if bounded != "none":
+            lim = self.per_field(limits, fields)
+            bad |= (ids >= lim) if bounded == "all" else (lim >= 0) & (ids >= lim)
         if mode == "async":
             # Checked on the device, with no host read (which would wait for the GPU every forward).
             torch._assert_async(~bad.any(), self._device_check_message(

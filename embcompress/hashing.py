@@ -68,7 +68,7 @@ def _on_cpu(*tensors) -> bool:
 
 def _words(t: torch.Tensor | int) -> np.ndarray | np.uint64:
     if isinstance(t, torch.Tensor):
-        return t.detach().numpy().view(np.uint64)
+        return t.numpy().view(np.uint64)  # integer words: never part of a graph, nothing to detach
     return np.uint64(int(t) % (1 << 64))
 
 

@@ -59,7 +59,7 @@ class FullEmbedding(CompressedEmbedding):
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        return self.read_rows(self.weight, ids + self.offsets[fields])
+        return self.read_rows(self.weight, ids + self.per_field(self.offsets, fields))
 
     @classmethod
     def budget_knob(cls, cardinalities, embedding_dim, **options) -> BudgetKnob:

@@ -165,16 +165,17 @@ class HashingEmbedding(CompressedEmbedding):
         return [n if d else -1 for n, d in zip(self.cardinalities, self.direct.tolist())]
 
     def embed(self, ids: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        offsets = self.offsets[fields]
+        offsets = self.per_field(self.offsets, fields)
         if not self.frequent:
-            rows = bucket(ids, self.seeds[fields, 0], self.rows[fields])
+            rows = bucket(ids, self.per_field(self.seeds, fields)[..., 0], self.per_field(self.rows, fields))
             if self._any_direct:
-                rows = torch.where(self.direct[fields], ids, rows)
+                rows = torch.where(self.per_field(self.direct, fields), ids, rows)
             return self.read_rows(self.weight, rows + offsets)
-        dedicated = self.dedicated[fields]
-        hashed = bucket(ids.unsqueeze(-1), self.seeds[fields], self.rows[fields].unsqueeze(-1))
+        dedicated = self.per_field(self.dedicated, fields)
+        hashed = bucket(ids.unsqueeze(-1), self.per_field(self.seeds, fields),
+                        self.per_field(self.rows, fields).unsqueeze(-1))
         hashed = hashed + dedicated.unsqueeze(-1)
-        own_row = (ids < dedicated) | self.direct[fields]
+        own_row = (ids < dedicated) | self.per_field(self.direct, fields)
         first = torch.where(own_row, ids, hashed[..., 0])
         # Ids with their own row gather it twice (the copy is zeroed), so no index leaves the field's rows.
         second = torch.where(own_row, ids, hashed[..., 1])

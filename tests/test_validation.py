@@ -40,6 +40,7 @@ KINDS = {
     "float": "number",
     "float | None": "number",
     "str": "choice",
+    "str | None": "choice",
     "Sequence[int]": "int_list",
     "Sequence[int] | None": "int_list",
 }
@@ -58,7 +59,8 @@ VALUES = {"num_buckets": 64, "scale": 4.0, "init_std": 0.1, "budget_bytes": 10**
           "kept_blocks": 16,  # dedup.v1's budget key (default None: every block)
           "groups": 4,  # autosrh.v1's dimension groups (default None: min(6, D)); kept_numbers is its budget key
           "candidates": [2, 4, 8],  # autodim.v1's candidate widths (default None: powers of two up to D)
-          "kept_numbers": 100}  # deeplight.v1's (and pep.v1's) budget key (default None: every number)
+          "kept_numbers": 100,
+          "fused_optimizer": "sgd"}  # deeplight.v1's (and pep.v1's) budget key (default None: every number)
 PROVIDED = {"cardinalities", "embedding_dim", "embeddings", "num_dense", "self"}
 
 
