@@ -77,15 +77,20 @@ _NP_S30, _NP_S27, _NP_S31, _NP_LOW63 = np.uint64(30), np.uint64(27), np.uint64(3
 
 
 def _mix64_words(z):
-    with np.errstate(over="ignore"):  # numpy warns on 0-d (scalar) wraparound only; it is the arithmetic here
-        z = z + _NP_GAMMA
-        z = (z ^ (z >> _NP_S30)) * _NP_MUL1
-        z = (z ^ (z >> _NP_S27)) * _NP_MUL2
-        return z ^ (z >> _NP_S31)
+    if np.ndim(z) == 0:  # numpy warns on scalar wraparound (the arithmetic here); arrays wrap silently
+        return _mix64_words(np.atleast_1d(z))[0]
+    z = z + _NP_GAMMA
+    z = (z ^ (z >> _NP_S30)) * _NP_MUL1
+    z = (z ^ (z >> _NP_S27)) * _NP_MUL2
+    return z ^ (z >> _NP_S31)
 
 
-def _as_tensor(words, shape: torch.Size) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(words, dtype=np.uint64)).view(np.int64)).reshape(shape)
+def _as_tensor(words, shape) -> torch.Tensor:
+    """The int64 tensor of the uint64 ``words`` (a fresh array, or a scalar), of ``shape``."""
+    words = np.asarray(words)
+    if not words.flags.c_contiguous:
+        words = np.ascontiguousarray(words)
+    return torch.from_numpy(words.view(np.int64)).reshape(shape)
 
 
 def mix64(z: torch.Tensor) -> torch.Tensor:
@@ -111,8 +116,7 @@ def bucket(x: torch.Tensor, seed: torch.Tensor | int, m: torch.Tensor | int) -> 
     if x.dtype == torch.int64 and _on_cpu(x, seed, m):
         words = _mix64_words(_words(x) ^ _mix64_words(_words(seed)))
         rows = (words & _NP_LOW63) % _words(m)
-        return _as_tensor(rows, torch.broadcast_shapes(x.shape, *(t.shape for t in (seed, m)
-                                                                  if isinstance(t, torch.Tensor))))
+        return _as_tensor(rows, np.shape(rows))  # numpy broadcasts as torch does
     return (hash64(x, seed) & _LOW63) % m
 
 
