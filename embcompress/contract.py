@@ -431,6 +431,10 @@ class CompressedEmbedding(nn.Module):
             return table.lookup(rows)
         if isinstance(table, FusedRows):
             out = table.lookup(rows)
+        elif table.device.type == "cpu" and not getattr(self, "sparse", False):
+            # A dense gradient: index_select's backward (one index_add into zeros) is 2-3x faster on the CPU
+            # than embedding's sort-based dense backward; the same sums, accumulated in batch order.
+            out = table.index_select(0, rows.reshape(-1)).view(*rows.shape, table.shape[1])
         else:
             out = F.embedding(rows, table, sparse=getattr(self, "sparse", False))
         if self.precision != "fp32" and not self.training:
