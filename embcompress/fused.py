@@ -143,6 +143,15 @@ class FusedRows(nn.Module):
         out = self.kernel(flat, offsets, per_sample_weights=None if weights is None else weights.reshape(-1))
         return out.view(*idx.shape[:-1], self.width)
 
+    def bags(self, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``sum_j rows[idx[..., j]]`` over the ``j`` where ``keep[..., j]``: ``[..., k]`` ids and a bool mask of
+        the same shape -> ``[..., width]``, one kernel call over bags of the kept ids (no gather of the others)."""
+        lengths = keep.sum(-1).reshape(-1)
+        offsets = torch.zeros(lengths.numel() + 1, dtype=idx.dtype, device=idx.device)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        out = self.kernel(idx[keep], offsets)
+        return out.view(*idx.shape[:-1], self.width)
+
     # ------------------------------------------------------------------------------------------ optimizer
     def set_learning_rate(self, lr: float) -> None:
         self.lr = float(lr)
