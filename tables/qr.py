@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from embcompress.fused import check_fused_optimizer
+from embcompress.fused import FusedRows, check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_choice, check_int, check_per_field,
     init_rows_, resolve_init_std,
@@ -271,7 +271,11 @@ class QREmbedding(CompressedEmbedding):
         if self._all_full:
             return self.read_rows(self.weight, self.partition_rows(ids, fields)[..., 0])
         # unbind, not g[j]: each select's backward would write a zero-filled copy of the whole [k, ..., D] block.
-        first, *rest = self.read_rows(self.weight, self._rows_partition_first(ids, fields)).unbind(0)
+        rows = self._rows_partition_first(ids, fields)
+        if isinstance(self.weight, FusedRows):  # a kernel call per partition (disjoint rows): no stacked gradient
+            first, *rest = (self.read_rows(self.weight, r) for r in rows.unbind(0))
+        else:
+            first, *rest = self.read_rows(self.weight, rows).unbind(0)
         add = self.operation == "add"
         if self._mask_full:
             # Full fields take their partition-0 row alone: the other partitions' rows are replaced by the
