@@ -59,6 +59,7 @@ POOLING_MODES = ("sum", "mean")
 
 
 MAX_SEED = 2**31
+_INT64_MAX = 2**63 - 1
 #: Options added after checkpoints were first saved, with the value every table had before them.
 LATE_OPTIONS = {"precision": "fp32", "train_quantized": False}
 
@@ -152,7 +153,7 @@ class CompressedEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.field_names: tuple[str, ...] = tuple(f"field{i}" for i in range(self.num_fields))
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._bounded: dict[torch.device, str] = {}
+        self._bounded: dict[torch.device, bool] = {}
 
     # ----------------------------------------------------------------------------------------------- layout
     @property
@@ -177,13 +178,13 @@ class CompressedEmbedding(nn.Module):
         if device not in self._device_cache:
             # On meta, limits are never read (no values to check), and id_limits may read buffers that hold none.
             limits = [-1] * self.num_fields if device.type == "meta" else list(self.id_limits())
+            # The largest valid id of each field (int64's largest where any is): one comparison checks them all.
+            highest = [n - 1 if n >= 0 else _INT64_MAX for n in limits]
             self._device_cache[device] = (
                 torch.arange(self.num_fields, device=device),
-                torch.tensor(limits, dtype=torch.int64, device=device),
+                torch.tensor(highest, dtype=torch.int64, device=device),
             )
-            # Which fields have an upper bound: none, all or some (the check then skips what it need not do).
-            bounded = sum(n >= 0 for n in limits)
-            self._bounded[device] = "none" if not bounded else "all" if bounded == len(limits) else "some"
+            self._bounded[device] = any(n >= 0 for n in limits)  # else only negative ids can be wrong
         return self._device_cache[device]
 
     def per_field(self, values: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
@@ -210,12 +211,10 @@ class CompressedEmbedding(nn.Module):
         mode = id_check_mode(ids.device)
         if ids.numel() == 0 or mode == "skip":
             return ids
-        _, limits = self._consts(ids.device)
+        _, highest = self._consts(ids.device)
         bad = ids < 0
-        bounded = self._bounded[ids.device]
-        if bounded != "none":
-            lim = self.per_field(limits, fields)
-            bad |= (ids >= lim) if bounded == "all" else (lim >= 0) & (ids >= lim)
+        if self._bounded[ids.device]:
+            bad |= ids > self.per_field(highest, fields)
         if mode == "async":
             # Checked on the device, with no host read (which would wait for the GPU every forward).
             torch._assert_async(~bad.any(), self._device_check_message(

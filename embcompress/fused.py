@@ -110,6 +110,8 @@ class FusedRows(nn.Module):
         # Not a submodule: its tensors are counted, saved and moved by this class (stored_tensors, the state
         # dict's "weight" and optimizer state, _apply), never handed to a torch optimizer as parameters.
         object.__setattr__(self, "_kernel", kernel)
+        # A view of the kernel's storage, which it never reallocates: built once (its builder loops in Python).
+        object.__setattr__(self, "_weight", kernel.split_embedding_weights()[0])
 
     @property
     def kernel(self) -> nn.Module:
@@ -120,7 +122,7 @@ class FusedRows(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The rows ``[rows, width]``: a view of the kernel's storage (writes reach the kernel)."""
-        return self.kernel.split_embedding_weights()[0]
+        return self._weight
 
     @property
     def shape(self) -> torch.Size:
