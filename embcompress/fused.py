@@ -10,7 +10,8 @@ against the reference path (autograd rows, ``torch.optim`` / :func:`~embcompress
 
 Optimizers: ``"rowwise_adagrad"`` (one fp32 sum of mean squared gradients per row: FBGEMM's
 ``EXACT_ROWWISE_ADAGRAD``), ``"adagrad"`` (a sum per number), ``"sgd"`` (no state) on CPU and CUDA; ``"adam"`` on
-CUDA only (FBGEMM's CPU kernels do not fuse it). The learning rate is the training loop's embedding rate, set
+CUDA only (FBGEMM's CPU kernels do not fuse it): such a table can be built, loaded and served on the CPU, and
+trains once moved to a CUDA device. The learning rate is the training loop's embedding rate, set
 through the table's ``row_optimizers`` (:class:`FusedLearningRate`).
 
 Bytes: the rows are the table's parameters as before; the optimizer's state (``momentum1``/``momentum2``) is
@@ -60,9 +61,6 @@ def _kernel(rows: int, width: int, optimizer: str, lr: float, eps: float, device
         ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
 
     cuda = device.type == "cuda"
-    if not cuda and optimizer not in _CPU_OPTIMIZERS:
-        raise ValueError(f"FusedRows: fused_optimizer={optimizer!r} runs on CUDA only; fbgemm's CPU kernels fuse "
-                         f"{', '.join(_CPU_OPTIMIZERS)}")
     kind = {"rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
             "sgd": EmbOptimType.EXACT_SGD, "adam": EmbOptimType.ADAM}[optimizer]
     location = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if cuda else (EmbeddingLocation.HOST,
@@ -102,9 +100,21 @@ class FusedRows(nn.Module):
             raise ValueError(f"FusedRows: weight must be [rows, width], got shape {list(weight.shape)}")
         self.optimizer, self.lr, self.eps = optimizer, float(lr), float(eps)
         self.num_rows, self.width = weight.shape
-        self._set_kernel(_kernel(self.num_rows, self.width, optimizer, self.lr, self.eps, weight.device))
+        self._build(weight.device)
         with torch.no_grad():
             self.weight.copy_(weight.float())
+
+    def _build(self, device: torch.device) -> None:
+        # A CUDA-only optimizer (Adam) on the CPU: the rows wait in an SGD kernel that refuses to train, so a
+        # table built on the CPU and then moved (model.cuda()) gets its Adam kernel there.
+        self._waiting = device.type != "cuda" and self.optimizer not in _CPU_OPTIMIZERS
+        self._set_kernel(_kernel(self.num_rows, self.width, "sgd" if self._waiting else self.optimizer, self.lr,
+                                 self.eps, device))
+
+    def _check_trains_here(self) -> None:
+        if self._waiting and self.training and torch.is_grad_enabled():
+            raise ValueError(f"FusedRows: fused_optimizer={self.optimizer!r} runs on CUDA only (fbgemm's CPU kernels "
+                             f"fuse {', '.join(_CPU_OPTIMIZERS)}); move the table to a CUDA device to train it")
 
     def _set_kernel(self, kernel: nn.Module) -> None:
         # Not a submodule: its tensors are counted, saved and moved by this class (stored_tensors, the state
@@ -132,6 +142,7 @@ class FusedRows(nn.Module):
         flat = idx.reshape(-1)
         if not (self.training and torch.is_grad_enabled()):  # no kernel call, no update: a plain gather
             return self.weight.index_select(0, flat).view(*idx.shape, self.width)
+        self._check_trains_here()
         offsets = torch.arange(flat.numel() + 1, device=flat.device, dtype=flat.dtype)  # bags of one id
         return self.kernel(flat, offsets).view(*idx.shape, self.width)
 
@@ -139,6 +150,7 @@ class FusedRows(nn.Module):
         """``sum_j weights[..., j] * rows[idx[..., j]]``: ``LongTensor[..., k]`` (and ``FloatTensor[..., k]``)
         -> ``[..., width]``, one kernel call (bags of ``k`` ids, per-sample weights), whose backward updates the
         rows and gives ``weights`` their gradient."""
+        self._check_trains_here()
         k = idx.shape[-1]
         flat = idx.reshape(-1)
         offsets = torch.arange(0, flat.numel() + 1, k, device=flat.device, dtype=flat.dtype)
@@ -148,6 +160,7 @@ class FusedRows(nn.Module):
     def bags(self, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``sum_j rows[idx[..., j]]`` over the ``j`` where ``keep[..., j]``: ``[..., k]`` ids and a bool mask of
         the same shape -> ``[..., width]``, one kernel call over bags of the kept ids (no gather of the others)."""
+        self._check_trains_here()
         lengths = keep.sum(-1).reshape(-1)
         offsets = torch.zeros(lengths.numel() + 1, dtype=idx.dtype, device=idx.device)
         torch.cumsum(lengths, 0, out=offsets[1:])
@@ -211,11 +224,12 @@ class FusedRows(nn.Module):
             return self
         state = {n: t.detach().to(target.device) for n, t in self.optimizer_state().items()}
         rows = self.weight.detach().to(target.device)
-        self._set_kernel(_kernel(self.num_rows, self.width, self.optimizer, self.lr, self.eps, target.device))
+        self._build(target.device)
         with torch.no_grad():
             self.weight.copy_(rows)
             for name, t in self.optimizer_state().items():
-                t.copy_(state[name].reshape(t.shape))
+                if name in state:  # (none when it leaves or reaches a waiting kernel)
+                    t.copy_(state[name].reshape(t.shape))
         return self
 
     def extra_repr(self) -> str:

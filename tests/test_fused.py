@@ -124,8 +124,10 @@ def test_fused_checkpoint_round_trip_keeps_rows_and_optimizer_state():
 def test_fused_options_are_checked():
     with pytest.raises(ValueError, match="fused_optimizer"):
         build_table({"type": "hashing.v1", "num_buckets": 40, "fused_optimizer": "lamb"}, CARDS, DIM)
+    adam = build_table({"type": "full.v1", "fused_optimizer": "adam"}, CARDS, DIM)  # built here, trained on CUDA
     with pytest.raises(ValueError, match="CUDA only"):
-        build_table({"type": "full.v1", "fused_optimizer": "adam"}, CARDS, DIM)
+        adam(_ids())
+    assert adam.eval()(_ids()).shape == (64, len(CARDS), DIM)  # it serves here
     with pytest.raises(ValueError, match="choose one"):
         build_table({"type": "full.v1", "fused_optimizer": "sgd", "precision": "int8", "train_quantized": True},
                     CARDS, DIM)
