@@ -157,8 +157,8 @@ class DistContext(LocalContext):
         own = [t._owner_name() for t in model.modules()
                if isinstance(t, CompressedEmbedding) and t.trains_rows_itself()]
         if own:  # their captured row gradients are not averaged over the ranks
-            raise ValueError(f"{own[0]}: its rows train at low precision (train_quantized=True, or ALPT) in one "
-                             "process; train it without a process group")
+            raise ValueError(f"{own[0]}: its rows train outside autograd (train_quantized=True, ALPT, or "
+                             "fused_optimizer) in one process; train it without a process group")
         # DDP expects sparse gradients only from nn.Embedding(sparse=True) modules; a table's own sparse
         # gradients would be copied into a dense bucket and fail. DDP ignores those parameters and
         # sync_sparse_grads averages them by all-gathering their (indices, values), which gloo and nccl both do.

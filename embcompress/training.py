@@ -117,8 +117,8 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     undecayed = {id(p) for t in tables for p in t.undecayed_parameters()}
     emb_lr = cfg.embedding_lr or cfg.lr
     if cfg.embedding_weight_decay and any(t.trains_rows_itself() for t in tables):
-        raise ValueError(f"embedding_weight_decay={cfg.embedding_weight_decay}: rows held at low precision "
-                         "(train_quantized, ALPT) are updated by the table's own optimizer, which has no weight decay")
+        raise ValueError(f"embedding_weight_decay={cfg.embedding_weight_decay}: rows the table trains "
+                         "itself (train_quantized, ALPT, fused_optimizer) get no weight decay from its optimizer")
     if sparse and cfg.embedding_weight_decay:
         raise ValueError(
             f"embedding_weight_decay={cfg.embedding_weight_decay} needs dense table gradients: {cfg.optimizer}'s "
