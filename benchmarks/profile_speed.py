@@ -28,8 +28,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from embcompress.memory import baseline_bytes
 from embcompress.registry import build_table
-from embcompress.speed import _COMPRESS_UNTRAINED, SpeedMethod, SpeedSuite, _Head, load_speed_suite, zipf_ids
-from embcompress.training import TrainConfig, make_optimizers, regularization
+from embcompress.speed import (
+    _COMPRESS_UNTRAINED, SpeedMethod, SpeedSuite, _Head, load_speed_suite, training_step, zipf_ids)
+from embcompress.training import TrainConfig, make_optimizers
 
 WARMUP = 3
 STEP = "train_step"  # record_function around each step: its self time is Python outside any op
@@ -86,15 +87,7 @@ def profile_method(m: SpeedMethod, ids: torch.Tensor, suite: SpeedSuite, steps: 
         start = time.perf_counter()
         for i in range(first, first + n):
             with record_function(STEP):
-                loss = loss_fn(model(ids[(i % n_batches) * bs : (i % n_batches + 1) * bs]), labels)
-                extra = regularization(model)  # OptEmbed's threshold term is part of its step
-                if extra is not None:
-                    loss = loss + extra
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in opts:
-                    opt.step()
+                training_step(model, ids[(i % n_batches) * bs : (i % n_batches + 1) * bs], labels, loss_fn, opts)
         return (time.perf_counter() - start) / n
 
     run(0, WARMUP)

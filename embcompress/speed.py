@@ -202,6 +202,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def training_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
+                  opts: list[torch.optim.Optimizer]) -> None:
+    """The step the suite times: forward, the tables' own loss terms (OptEmbed's thresholds), backward, and
+    every optimizer (the tables' own ones included)."""
+    loss = loss_fn(model(batch), labels)
+    extra = _regularization(model)
+    if extra is not None:
+        loss = loss + extra
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in opts:
+        opt.step()
+
+
 def _time_training(model: nn.Module, ids: torch.Tensor, suite: SpeedSuite, device: str, optimizer: str) -> float:
     cfg = TrainConfig(optimizer=optimizer, device=device)
     # A fused torchrec table updates itself inside backward: only the head has an optimizer here.
@@ -216,15 +231,7 @@ def _time_training(model: nn.Module, ids: torch.Tensor, suite: SpeedSuite, devic
             _sync(device)
             start = time.perf_counter()
         batch = ids[(step % n_batches) * suite.batch_size : (step % n_batches + 1) * suite.batch_size]
-        loss = loss_fn(model(batch), labels)
-        extra = _regularization(model)  # OptEmbed's threshold term is part of its training step
-        if extra is not None:
-            loss = loss + extra
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in opts:
-            opt.step()
+        training_step(model, batch, labels, loss_fn, opts)
     _sync(device)
     return suite.steps * suite.batch_size / (time.perf_counter() - start)
 
