@@ -466,8 +466,12 @@ class CompressedEmbedding(nn.Module):
                 continue
             if isinstance(table, QuantizedRows):  # another precision: from the values it serves
                 table = table.dequantized()
-            rows = table.weight if isinstance(table, FusedRows) else table
-            setattr(parent, leaf, QuantizedRows(rows.detach(), at))
+            if isinstance(table, FusedRows):  # plain rows out of the kernel: fp32 ones serve as a parameter does
+                rows = table.weight.detach().clone()
+                setattr(parent, leaf, nn.Parameter(rows, requires_grad=False) if at == "fp32" else
+                        QuantizedRows(rows, at))
+                continue
+            setattr(parent, leaf, QuantizedRows(table.detach(), at))
         for p in served.parameters():
             p.requires_grad_(False)
         if "precision" in served._saved_options:
