@@ -26,10 +26,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from embcompress.memory import baseline_bytes
-from embcompress.registry import build_table
 from embcompress.speed import (
-    _COMPRESS_UNTRAINED, SpeedMethod, SpeedSuite, _Head, load_speed_suite, training_step, zipf_ids)
+    SpeedMethod, SpeedSuite, _Head, build_timed_table, load_speed_suite, timing_labels, training_step, zipf_ids)
 from embcompress.training import TrainConfig, make_optimizers
 
 WARMUP = 3
@@ -69,18 +67,13 @@ def categorize(path: list[str]) -> str:
 
 
 def profile_method(m: SpeedMethod, ids: torch.Tensor, suite: SpeedSuite, steps: int) -> dict:
-    """Build ``m`` as ``run_speed`` does, then time and profile ``speed._time_training``'s step (its loop is
-    no importable function, so the step is repeated here)."""
+    """Build ``m`` as ``run_speed`` does, then time and profile the step it times (``speed.training_step``)."""
     cards, dim = suite.cardinalities, suite.embedding_dim
     torch.manual_seed(0)
-    budget = baseline_bytes(cards, dim) / m.ratio if m.ratio else None
-    table = build_table(dict(m.table, **({"budget_bytes": budget} if budget else {})), cards, dim)
-    compress = _COMPRESS_UNTRAINED.get(getattr(table, "registry_name", ""))
-    if compress is not None:  # staged tables: the retraining step after the compression is the one timed
-        compress(table)
+    table, _ = build_timed_table(m, cards, dim)
     model = _Head(table, len(cards) * dim)
     opts = make_optimizers(model, TrainConfig(optimizer=m.optimizer, device="cpu"))
-    labels = (torch.rand(suite.batch_size, generator=torch.Generator().manual_seed(1)) < 0.25).float()
+    labels = timing_labels(suite.batch_size)
     loss_fn, bs, n_batches = nn.BCEWithLogitsLoss(), suite.batch_size, ids.shape[0] // suite.batch_size
 
     def run(first: int, n: int) -> float:

@@ -202,6 +202,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def build_timed_table(m: SpeedMethod, cards: tuple[int, ...], dim: int) -> tuple[nn.Module, float | None]:
+    """``(table, budget bytes or None)`` of method ``m`` as the suite times it: built to its budget, and a staged
+    table compressed on its untrained weights first, so that the step timed is its retraining one."""
+    budget = baseline_bytes(cards, dim) / m.ratio if m.ratio else None
+    table = build_table(dict(m.table, **({"budget_bytes": budget} if budget else {})), cards, dim)
+    compress = _COMPRESS_UNTRAINED.get(getattr(table, "registry_name", ""))
+    if compress is not None:
+        compress(table)
+    return table, budget
+
+
+def timing_labels(batch_size: int) -> torch.Tensor:
+    """The fixed labels of every timed step (a quarter positive, seeded)."""
+    return (torch.rand(batch_size, generator=torch.Generator().manual_seed(1)) < 0.25).float()
+
+
 def training_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
                   opts: list[torch.optim.Optimizer]) -> None:
     """The step the suite times: forward, the tables' own loss terms (OptEmbed's thresholds), backward, and
@@ -222,7 +238,7 @@ def _time_training(model: nn.Module, ids: torch.Tensor, suite: SpeedSuite, devic
     # A fused torchrec table updates itself inside backward: only the head has an optimizer here.
     opts = [torch.optim.Adam(model.linear.parameters(), lr=cfg.lr)] if getattr(model, "fused", False) \
         else _optimizers(model, cfg)
-    labels = (torch.rand(suite.batch_size, generator=torch.Generator().manual_seed(1)) < 0.25).float().to(device)
+    labels = timing_labels(suite.batch_size).to(device)
     loss_fn = nn.BCEWithLogitsLoss()
     n_batches = ids.shape[0] // suite.batch_size
     warmup = 3
@@ -277,15 +293,12 @@ def run_speed(suite: SpeedSuite, *, device: str = "cpu", progress: bool = True) 
     for m in tqdm(entries, desc=f"speed {suite.name}", disable=None if progress else True):
         torch.manual_seed(0)
         try:
-            budget = base / m.ratio if m.ratio else None
+            budget = None
             torchrec_kind = m.table["type"].startswith("torchrec")
             if torchrec_kind:
                 model = _torchrec_model(m.table["type"], cards, dim, device, TrainConfig().lr)
-            else:
-                table = build_table(dict(m.table, **({"budget_bytes": budget} if budget else {})), cards, dim)
-                compress = _COMPRESS_UNTRAINED.get(getattr(table, "registry_name", ""))
-                if compress is not None:  # timed as it retrains (fine-tunes) and serves
-                    compress(table)
+            else:  # a staged table is timed as it retrains (fine-tunes) and serves
+                table, budget = build_timed_table(m, cards, dim)
                 model = _Head(table, len(cards) * dim).to(device)
             train_speed = _time_training(model, ids, suite, device, m.optimizer)
             if torchrec_kind:
