@@ -414,8 +414,9 @@ class CompressedEmbedding(nn.Module):
         trains itself (``train_quantized``: a :class:`~embcompress.lowp.QuantizedRowOptimizer` at ``lr``; ALPT's),
         and per-step work that must follow an update (DeepLight's pruning ramp, AutoDim's temperature); none by
         default. A custom training loop steps them too."""
-        stores = [t for t in self._row_tables().values() if isinstance(t, TrainedRows)]
-        fused = [t for t in self._row_tables().values() if isinstance(t, FusedRows)]
+        tables = self._row_tables().values()
+        stores = [t for t in tables if isinstance(t, TrainedRows)]
+        fused = [t for t in tables if isinstance(t, FusedRows)]
         return ([QuantizedRowOptimizer(stores, lr=lr, seed=seed)] if stores else []) + \
             ([FusedLearningRate(fused, lr=lr)] if fused else [])
 

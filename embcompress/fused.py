@@ -181,11 +181,11 @@ class FusedRows(nn.Module):
     def stored_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """``(rows, buffers, optimizer state)``: every tensor the kernel holds, each once, split for the memory
         report (the rows are the trained parameters; the metadata is buffers)."""
-        state = {id(t) for t in self.optimizer_state().values()}
-        rows = [t for t in self.kernel.parameters() if t.numel() and id(t) not in state]
-        held = {id(t) for t in rows} | state
+        state = list(self.optimizer_state().values())
+        rows = [t for t in self.kernel.parameters() if t.numel() and all(t is not s for s in state)]
+        held = {id(t) for t in rows + state}
         others = [t for t in list(self.kernel.parameters()) + list(self.kernel.buffers()) if id(t) not in held]
-        return rows, others, list(self.optimizer_state().values())
+        return rows, others, state
 
     # ------------------------------------------------------------------------------------ state and device
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -75,8 +75,9 @@ def run_one(suite: Suite, data: CTRData, run: Run, *, device: str, progress: boo
     # Training bytes: the table that trained (a staged method's supernet, not its export), stored, plus the state
     # its optimizers held at the end of training (the last stage's); serving bytes: the table that is served.
     # A fused kernel's optimizer state is the table's own: in its memory report with no optimizer given.
-    optimizer_state = table.memory_report().optimizer_state_bytes + result.table_optimizer_bytes
-    trained = table.memory_report().total_bytes + optimizer_state
+    held = table.memory_report()
+    optimizer_state = held.optimizer_state_bytes + result.table_optimizer_bytes
+    trained = held.total_bytes + optimizer_state
     # A stage that held more than the last one (dedup's full table before it merged blocks) says so.
     trained = max(trained, staged.get("stages", {}).get("peak_training_bytes", 0))
     return {
