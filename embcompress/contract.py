@@ -420,6 +420,13 @@ class CompressedEmbedding(nn.Module):
         return ([QuantizedRowOptimizer(stores, lr=lr, seed=seed)] if stores else []) + \
             ([FusedLearningRate(fused, lr=lr)] if fused else [])
 
+    def kernel_rows(self, table) -> FusedRows | None:
+        """``table`` when it is fused rows whose kernel may also pool them (sum or weigh several rows of an id in
+        one call): rows served at fp32, with no per-row rounding to apply first; else None."""
+        if isinstance(table, FusedRows) and self.served_precision(table.width) == "fp32":
+            return table
+        return None
+
     def read_rows(self, table: "torch.Tensor | QuantizedRows", rows: torch.Tensor) -> torch.Tensor:
         """Rows ``[*rows.shape, width]`` of one of :attr:`row_parameters`, as the method's ``embed`` reads them.
 

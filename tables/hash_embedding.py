@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embcompress.fused import FusedRows, check_fused_optimizer
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, check_bool, check_positive_int, check_seed, resolve_init_std,
 )
@@ -144,8 +144,8 @@ class HashEmbedding(CompressedEmbedding):
         # All k pool rows and the importance row in one call: they share the modulus since K = B.
         rows = bucket(ids.unsqueeze(-1), self.seeds[fields], self.num_buckets)  # [..., k (+1)]
         p = self.read_rows(self.importance, rows[..., k]) if self.weights else None  # [..., k]
-        if isinstance(self.pool, FusedRows) and self.precision == "fp32":
-            out = self.pool.pool(rows[..., :k], p)  # gather, weigh and sum in the kernel (bags of k rows)
+        if (fused := self.kernel_rows(self.pool)) is not None:
+            out = fused.pool(rows[..., :k], p)  # gather, weigh and sum in the kernel (bags of k rows)
         else:
             vecs = self.read_rows(self.pool, rows[..., :k])  # [..., k, D]
             out = vecs.sum(-2) if p is None else (p.unsqueeze(-1) * vecs).sum(-2)

@@ -35,7 +35,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from embcompress.fused import FusedRows, check_fused_optimizer
+from embcompress.fused import check_fused_optimizer
 from embcompress.contract import (
     BudgetKnob, CompressedEmbedding, as_cardinalities, check_bool, check_int, check_per_field, check_positive_int,
     check_seed, init_rows_, resolve_init_std,
@@ -180,9 +180,9 @@ class HashingEmbedding(CompressedEmbedding):
         # Ids with their own row gather it twice (the copy is zeroed), so no index leaves the field's rows.
         second = torch.where(own_row, ids, hashed[..., 1])
         rows = torch.stack([first, second], dim=-1) + offsets.unsqueeze(-1)
-        if isinstance(self.weight, FusedRows) and self.precision == "fp32":
+        if (fused := self.kernel_rows(self.weight)) is not None:
             # One kernel call over bags of one row (own rows) or two (double-hashed): no second gather to zero.
-            return self.weight.bags(rows, torch.stack([torch.ones_like(own_row), ~own_row], dim=-1))
+            return fused.bags(rows, torch.stack([torch.ones_like(own_row), ~own_row], dim=-1))
         # unbind, not [..., j, :]: each select's backward would write a zero-filled copy of the whole block
         first_vec, second_vec = self.read_rows(self.weight, rows).unbind(-2)
         return first_vec + second_vec * (~own_row).unsqueeze(-1).to(second_vec.dtype)
